@@ -1,0 +1,35 @@
+"""Op library: modules that schedules swap into BERT / GPT-2 models.
+
+Each op is a drop-in for what it replaces (same numbers, same gradients, original weights kept),
+runs as plain PyTorch on CPU and takes a faster kernel on CUDA where one pays. Every op class is
+registered in ``OPS`` under a snake_case name (``list_ops()``), so schedule specs can name it.
+"""
+from . import attention
+from .attention import FlashAttentionOp
+from .attention_backends import ATTENTION_BACKENDS
+from .cross_entropy import FusedLinearCrossEntropy, fused_linear_cross_entropy
+from .errors import OpError
+from .fused import FusedBiasDropoutAddLayerNorm, FusedBiasGELU, bias_dropout_add_layer_norm, bias_gelu
+from .linear import LinearWithSeparateBias
+from .mlp import FusedMLP
+from .qkv import FusedQKV
+from .registry import OPS, list_ops, register_op
+
+__all__ = [
+    "ATTENTION_BACKENDS",
+    "OPS",
+    "FlashAttentionOp",
+    "FusedBiasDropoutAddLayerNorm",
+    "FusedBiasGELU",
+    "FusedLinearCrossEntropy",
+    "FusedMLP",
+    "FusedQKV",
+    "LinearWithSeparateBias",
+    "OpError",
+    "attention",
+    "bias_dropout_add_layer_norm",
+    "bias_gelu",
+    "fused_linear_cross_entropy",
+    "list_ops",
+    "register_op",
+]

@@ -1,0 +1,136 @@
+"""Core attention as one module, so a schedule can swap the hand-written softmax(QK^T)V for a kernel.
+
+``FlashAttentionOp`` takes q, k, v in the layout of ``F.scaled_dot_product_attention``
+(batch, heads, seq, head_dim) and picks a backend from ``ATTENTION_BACKENDS`` per call, because
+what a kernel can run depends on the inputs (device, dtype, mask, dropout).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from ..errors import BackendError, closest
+from .attention_backends import ALIASES, ATTENTION_BACKENDS, AttentionBackend, backends_by_speed
+from .errors import OpError
+from .registry import register_op
+
+AUTO = "auto"
+FALLBACK = "sdpa"
+
+
+def valid_backend_names() -> list[str]:
+    """Every name ``FlashAttentionOp`` accepts: ``auto``, the registered backends and the aliases."""
+    return [AUTO, *ATTENTION_BACKENDS.names(), *sorted(ALIASES)]
+
+
+def resolve_backend_name(name: str) -> str:
+    """The registered backend (or ``auto``) that ``name`` stands for; BackendError when unknown."""
+    if name == AUTO or name in ATTENTION_BACKENDS:
+        return name
+    if name in ALIASES:
+        return ALIASES[name]
+    hint = closest(str(name), valid_backend_names())
+    did_you_mean = f" (did you mean {', '.join(map(repr, hint))}?)" if hint else ""
+    raise BackendError(
+        f"unknown attention backend {name!r}{did_you_mean}; valid: {', '.join(valid_backend_names())}"
+    )
+
+
+@register_op("flash_attention")
+class FlashAttentionOp(nn.Module):
+    """softmax(q k^T * scale + mask) v with dropout, on the best kernel that handles the inputs.
+
+    Args:
+        attn_op_name: ``"auto"`` (fastest backend that supports the inputs), a registered backend
+            (``"sdpa"``, ``"flash_attn"``, ``"xformers"``, ``"math"``) or a tutorial alias
+            (``"native_xformers"``/``"cutlass"`` -> xformers, ``"triton"``/``"cuda"`` -> flash_attn).
+        apply_causal_mask: also mask future keys (bottom-right aligned), independently of any mask.
+        scale: softmax scale; None means 1/sqrt(head_dim).
+        strict: raise ``BackendError`` when the named backend is missing or cannot run the inputs,
+            instead of falling back to ``sdpa`` with one warning per op instance.
+
+    ``forward(q, k, v, attention_mask=None, p=0.0)``: ``attention_mask`` is bool (True = attend) or
+    additive float, broadcastable to (batch, heads, q_len, k_len); ``p`` is the dropout probability,
+    applied only in training mode.
+    """
+
+    def __init__(
+        self,
+        attn_op_name: str = AUTO,
+        apply_causal_mask: bool = False,
+        scale: float | None = None,
+        strict: bool = False,
+    ):
+        super().__init__()
+        self.attn_op_name = attn_op_name
+        self.backend_name = resolve_backend_name(attn_op_name)
+        self.apply_causal_mask = apply_causal_mask
+        self.scale = scale
+        self.strict = strict
+        self._warned = False
+        if strict and self.backend_name != AUTO and not ATTENTION_BACKENDS.get(self.backend_name).installed():
+            backend = ATTENTION_BACKENDS.get(self.backend_name)
+            raise BackendError(
+                f"attention backend {attn_op_name!r} needs the package {backend.package!r}, which is not "
+                f"installed; install it or use one of: {', '.join(self.usable_backends())}"
+            )
+
+    @staticmethod
+    def usable_backends() -> list[str]:
+        """Registered backends whose packages are installed."""
+        return [name for name, backend in ATTENTION_BACKENDS.items() if backend.installed()]
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        p: float = 0.0,
+    ) -> torch.Tensor:
+        _check_layout(q, k, v)
+        mask = _normalized_mask(attention_mask, q.dtype)
+        dropout_p = p if self.training else 0.0
+        backend = self.select_backend(q, mask, dropout_p)
+        return backend.run(q, k, v, mask, dropout_p, self.apply_causal_mask, self.scale)
+
+    def select_backend(self, q: torch.Tensor, mask: torch.Tensor | None, dropout_p: float) -> AttentionBackend:
+        """The backend this op runs these inputs on (falls back, warns or raises as configured)."""
+        causal = self.apply_causal_mask
+        if self.backend_name == AUTO:
+            return next(b for b in backends_by_speed() if b.supports(q, mask, dropout_p, causal))
+        backend = ATTENTION_BACKENDS.get(self.backend_name)
+        reason = backend.unsupported_reason(q, mask, dropout_p, causal)
+        if reason is None:
+            return backend
+        message = f"attention backend {self.attn_op_name!r} cannot run here: {reason}"
+        if self.strict:
+            raise BackendError(f"{message}; pass strict=False to fall back to {FALLBACK!r}")
+        if not self._warned:
+            self._warned = True
+            warnings.warn(f"{message}; falling back to {FALLBACK!r}", RuntimeWarning, stacklevel=3)
+        return ATTENTION_BACKENDS.get(FALLBACK)
+
+    def extra_repr(self) -> str:
+        return f"attn_op_name={self.attn_op_name!r}, apply_causal_mask={self.apply_causal_mask}, scale={self.scale}"
+
+
+def _check_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise OpError(
+            "FlashAttentionOp expects q, k, v as (batch, heads, seq, head_dim); got shapes "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+
+
+def _normalized_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """Bool masks stay bool; float masks become ``dtype`` (the kernels want the query's dtype)."""
+    if mask is None or mask.dtype == torch.bool:
+        return mask
+    if not mask.is_floating_point():
+        raise OpError(
+            f"attention_mask must be bool (True = attend) or an additive float tensor, got {mask.dtype}"
+        )
+    return mask.to(dtype)
