@@ -1,0 +1,124 @@
+"""FusedQKV against the three Linears it replaces (float32, CPU; atol 1e-5)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from slapo_lightning.op import OPS, FusedQKV, OpError
+
+HIDDEN, HEADS = 16, 4
+
+
+def three_linears(bias=True, seed=0):
+    torch.manual_seed(seed)
+    return [nn.Linear(HIDDEN, HIDDEN, bias=bias) for _ in range(3)]
+
+
+def heads(x):
+    return x.view(*x.shape[:-1], HEADS, -1).transpose(1, 2)
+
+
+def assert_close(a, b):
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("head_layout", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_from_linears_equals_three_linears(bias, head_layout):
+    linears = three_linears(bias)
+    fused = FusedQKV.from_linears(*linears, n_heads=HEADS, head_layout=head_layout)
+    x = torch.randn(2, 5, HIDDEN, requires_grad=True)
+    want = [lin(x) for lin in linears]
+    want = [heads(t) for t in want] if head_layout else want
+    got = fused(x)
+    assert isinstance(got, tuple) and len(got) == 3
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        assert_close(g, w)
+
+    upstream = [torch.randn_like(w) for w in want]
+    grad_x_fused, = torch.autograd.grad(got, x, upstream)
+    grad_x_ref, = torch.autograd.grad(want, x, upstream)
+    assert_close(grad_x_fused, grad_x_ref)
+
+
+def test_parameter_gradients_split_back_to_the_linears():
+    linears = three_linears()
+    fused = FusedQKV.from_linears(*linears, n_heads=HEADS)
+    x = torch.randn(3, 4, HIDDEN)
+    upstream = [torch.randn(3, 4, HIDDEN) for _ in range(3)]
+    torch.autograd.backward(fused(x), upstream)
+    torch.autograd.backward([lin(x) for lin in linears], upstream)
+    w_grads = fused.fused_linear.weight.grad.split(HIDDEN)
+    b_grads = fused.fused_linear.bias.grad.split(HIDDEN)
+    for lin, gw, gb in zip(linears, w_grads, b_grads):
+        assert_close(gw, lin.weight.grad)
+        assert_close(gb, lin.bias.grad)
+
+
+def test_one_gemm():
+    fused = FusedQKV(HIDDEN, HEADS)
+    assert [type(m) for m in fused.children()] == [nn.Linear]
+    assert fused.fused_linear.weight.shape == (3 * HIDDEN, HIDDEN)
+
+
+def test_split_state_returns_views_in_linear_layout():
+    linears = three_linears()
+    fused = FusedQKV.from_linears(*linears, n_heads=HEADS)
+    states = fused.split_state()
+    assert [sorted(s) for s in states] == [["bias", "weight"]] * 3
+    for lin, state in zip(linears, states):
+        assert torch.equal(state["weight"], lin.weight) and torch.equal(state["bias"], lin.bias)
+        assert state["weight"].untyped_storage().data_ptr() == fused.fused_linear.weight.untyped_storage().data_ptr()
+        assert not state["weight"].requires_grad
+
+
+def test_split_state_without_bias_has_no_bias_key():
+    fused = FusedQKV.from_linears(*three_linears(bias=False), n_heads=HEADS)
+    assert [sorted(s) for s in fused.split_state()] == [["weight"]] * 3
+
+
+def test_load_split_state_round_trip():
+    source = FusedQKV.from_linears(*three_linears(seed=1), n_heads=HEADS)
+    target = FusedQKV(HIDDEN, HEADS)
+    weight_param = target.fused_linear.weight
+    target.load_split_state(source.split_state())
+    assert torch.equal(target.fused_linear.weight, source.fused_linear.weight)
+    assert torch.equal(target.fused_linear.bias, source.fused_linear.bias)
+    assert target.fused_linear.weight is weight_param
+    states = [{k: v.clone() for k, v in s.items()} for s in target.split_state()]
+    target.load_split_state(states)
+    for before, after in zip(states, target.split_state()):
+        assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_load_split_state_rejects_bad_states():
+    fused = FusedQKV(HIDDEN, HEADS)
+    good = [{k: v.clone() for k, v in s.items()} for s in fused.split_state()]
+    with pytest.raises(OpError, match="needs 3 states"):
+        fused.load_split_state(good[:2])
+    with pytest.raises(OpError, match=r"key.weight has shape \(16, 8\), expected \(16, 16\)"):
+        fused.load_split_state([good[0], {"weight": torch.zeros(HIDDEN, 8), "bias": good[1]["bias"]}, good[2]])
+    with pytest.raises(OpError, match="value state has keys"):
+        fused.load_split_state([good[0], good[1], {"weight": good[2]["weight"]}])
+
+
+def test_from_linears_rejects_mismatched_linears():
+    q, k, _ = three_linears()
+    with pytest.raises(OpError, match="weight shapes"):
+        FusedQKV.from_linears(q, k, nn.Linear(HIDDEN, 8), n_heads=HEADS)
+    with pytest.raises(OpError, match="all three Linears with a bias"):
+        FusedQKV.from_linears(q, k, nn.Linear(HIDDEN, HIDDEN, bias=False), n_heads=HEADS)
+    with pytest.raises(OpError, match="not divisible by n_heads 5"):
+        FusedQKV(HIDDEN, 5)
+
+
+def test_from_linears_keeps_dtype_and_training_mode():
+    linears = [lin.double().eval() for lin in three_linears()]
+    fused = FusedQKV.from_linears(*linears, n_heads=HEADS)
+    assert fused.fused_linear.weight.dtype == torch.float64 and not fused.training
+
+
+def test_registered_as_fused_qkv():
+    assert OPS.get("fused_qkv") is FusedQKV
