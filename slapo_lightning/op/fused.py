@@ -1,0 +1,162 @@
+"""Elementwise chains that follow a matmul, as single ops: bias + GELU and
+bias + dropout + residual + LayerNorm.
+
+On CPU they run as plain PyTorch (the reference itself). On CUDA the same functions go through
+``torch.compile`` (see ``compiled.py``), which fuses each chain into one kernel forward and one
+backward instead of a memory pass per op.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .compiled import compiled_on_cuda
+from .errors import OpError
+from .registry import register_op
+
+GELU_APPROXIMATIONS = ("none", "tanh")
+
+HF_GELU_NAMES: dict[str, str] = {
+    "gelu": "none",
+    "gelu_python": "none",
+    "gelu_new": "tanh",
+    "gelu_pytorch_tanh": "tanh",
+    "gelu_python_tanh": "tanh",
+    "gelu_fast": "tanh",
+}
+"""transformers' ACT2FN names of the GELUs, and the ``F.gelu`` approximation each computes.
+The tanh formulas written out in Python (``gelu_new``, ``gelu_python_tanh``, ``gelu_fast``) agree
+with ``F.gelu(approximate="tanh")`` up to float rounding (a few ulp)."""
+
+HF_GELU_CLASSES: dict[str, str] = {
+    "GELUActivation": "none",
+    "NewGELUActivation": "tanh",
+    "GELUTanh": "tanh",
+    "PytorchGELUTanh": "tanh",
+    "FastGELUActivation": "tanh",
+}
+"""The same, keyed by the class name of transformers' activation modules (no transformers import)."""
+
+
+def gelu_approximate_for(activation: str | nn.Module | Callable) -> str:
+    """``"none"`` or ``"tanh"`` for a GELU given as an ACT2FN name, an activation module or ``F.gelu``."""
+    if isinstance(activation, str):
+        found = HF_GELU_NAMES.get(activation)
+    elif isinstance(activation, nn.GELU):
+        found = activation.approximate
+    elif activation is F.gelu:
+        found = "none"
+    else:
+        found = HF_GELU_CLASSES.get(type(activation).__name__)
+    if found is None:
+        raise OpError(
+            f"{activation!r} is not a GELU this op reproduces; valid: {', '.join(HF_GELU_NAMES)}, "
+            f"nn.GELU, F.gelu or the modules {', '.join(HF_GELU_CLASSES)}"
+        )
+    return found
+
+
+def check_gelu_approximate(approximate: str) -> str:
+    if approximate not in GELU_APPROXIMATIONS:
+        raise OpError(f"unknown GELU approximation {approximate!r}; valid: {', '.join(GELU_APPROXIMATIONS)}")
+    return approximate
+
+
+@compiled_on_cuda
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None, approximate: str = "none") -> torch.Tensor:
+    """gelu(x + bias)."""
+    return F.gelu(x if bias is None else x + bias, approximate=approximate)
+
+
+@compiled_on_cuda
+def bias_dropout_add_layer_norm(
+    x: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor,
+    normalized_shape: tuple[int, ...],
+    weight: torch.Tensor | None,
+    ln_bias: torch.Tensor | None,
+    eps: float,
+    p: float,
+    training: bool,
+) -> torch.Tensor:
+    """layer_norm(dropout(x + bias) + residual)."""
+    hidden = x if bias is None else x + bias
+    hidden = F.dropout(hidden, p=p, training=training)
+    return F.layer_norm(hidden + residual, normalized_shape, weight, ln_bias, eps)
+
+
+@register_op("fused_bias_gelu")
+class FusedBiasGELU(nn.Module):
+    """``forward(x, bias)`` = gelu(x + bias); ``bias`` may be None.
+
+    ``approximate="none"`` is the erf GELU (transformers' ``gelu``), ``"tanh"`` the tanh formula
+    (``gelu_new``, ``gelu_pytorch_tanh``). Build it from a model's activation with
+    :meth:`from_activation`. The op has no parameters: the bias stays the Linear's Parameter and is
+    passed in (after ``decompose`` splits it off the matmul).
+    """
+
+    def __init__(self, approximate: str = "none"):
+        super().__init__()
+        self.approximate = check_gelu_approximate(approximate)
+
+    @classmethod
+    def from_activation(cls, activation: str | nn.Module | Callable) -> "FusedBiasGELU":
+        return cls(gelu_approximate_for(activation))
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return bias_gelu(x, bias, self.approximate)
+
+    def extra_repr(self) -> str:
+        return f"approximate={self.approximate!r}"
+
+
+@register_op("fused_bias_dropout_add_layer_norm")
+class FusedBiasDropoutAddLayerNorm(nn.Module):
+    """``forward(x, bias, residual)`` = layer_norm(dropout(x + bias) + residual).
+
+    The tail of BERT's ``BertSelfOutput``/``BertOutput`` (dense -> dropout -> LayerNorm(h + input))
+    once ``decompose`` has split the dense bias off: ``x`` is the matmul output, ``bias`` the dense
+    bias (or None), ``residual`` the block input. The module owns the LayerNorm's ``weight`` and
+    ``bias`` like ``nn.LayerNorm``; :meth:`from_layer_norm` reuses an existing LayerNorm's Parameter
+    objects, so weights, optimizer state and tying are unchanged. Dropout (probability ``p``) runs
+    only in training mode.
+    """
+
+    def __init__(
+        self,
+        normalized_shape: int | tuple[int, ...],
+        p: float = 0.1,
+        eps: float = 1e-5,
+        elementwise_affine: bool = True,
+        bias: bool = True,
+    ):
+        super().__init__()
+        self.normalized_shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+        if not 0.0 <= p <= 1.0:
+            raise OpError(f"dropout probability p must be in [0, 1], got {p}")
+        self.p = p
+        self.eps = eps
+        affine_bias = elementwise_affine and bias
+        self.register_parameter("weight", nn.Parameter(torch.ones(self.normalized_shape)) if elementwise_affine else None)
+        self.register_parameter("bias", nn.Parameter(torch.zeros(self.normalized_shape)) if affine_bias else None)
+
+    @classmethod
+    def from_layer_norm(cls, layer_norm: nn.LayerNorm, p: float = 0.1) -> "FusedBiasDropoutAddLayerNorm":
+        """Wraps ``layer_norm``'s own Parameters (no copy) with dropout probability ``p``."""
+        fused = cls(layer_norm.normalized_shape, p=p, eps=layer_norm.eps, elementwise_affine=False)
+        fused.weight = layer_norm.weight
+        fused.bias = layer_norm.bias
+        fused.train(layer_norm.training)
+        return fused
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor) -> torch.Tensor:
+        return bias_dropout_add_layer_norm(
+            x, bias, residual, self.normalized_shape, self.weight, self.bias, self.eps, self.p, self.training
+        )
+
+    def extra_repr(self) -> str:
+        return f"{self.normalized_shape}, p={self.p}, eps={self.eps}, elementwise_affine={self.weight is not None}"
