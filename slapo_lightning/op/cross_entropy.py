@@ -1,0 +1,144 @@
+"""LM head + cross-entropy without the (tokens x vocab) logits.
+
+For GPT-2 at 8192 tokens the logits alone are 8192 * 50257 * 4 B = 1.6 GB, and their gradient as
+much again. Here the tokens go through in chunks: each chunk's logits are made, turned into its
+loss and, right away, into its share of the gradients for the hidden states, the weight and the
+bias; then they are dropped. Backward only scales the stored gradients by the incoming gradient,
+which works because the loss is a scalar. Peak extra memory is one chunk of logits.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import OpError
+from .registry import register_op
+
+LOGITS_PER_CHUNK = 1 << 25
+"""Default chunk budget: 32 Mi logits (128 MiB in float32) per chunk."""
+
+
+def default_chunk_size(vocab_size: int) -> int:
+    """Tokens per chunk so that one chunk of logits holds about ``LOGITS_PER_CHUNK`` values."""
+    return max(1, LOGITS_PER_CHUNK // vocab_size)
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of ``hidden @ weight.T + bias`` against ``labels``; grads made in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ignore_index: int, chunk_size: int, with_grads: bool):
+        valid = labels != ignore_index
+        n_valid = valid.sum()
+        row_scale = torch.where(valid, 1.0 / n_valid.float(), 0.0)
+        targets = torch.where(valid, labels, 0)
+        need_hidden, need_weight, need_bias = (with_grads and g for g in ctx.needs_input_grad[:3])
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias and bias is not None else None
+        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_size):
+            rows = slice(start, start + chunk_size)
+            h, y = hidden[rows], targets[rows]
+            logits = (h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())).float()
+            log_norm = torch.logsumexp(logits, dim=-1)
+            target_logits = logits.gather(1, y[:, None]).squeeze(1)
+            loss_sum += torch.where(valid[rows], log_norm - target_logits, 0.0).sum()
+            if not (need_hidden or need_weight or grad_bias is not None):
+                continue
+            grad_logits = logits.sub_(log_norm[:, None]).exp_()
+            grad_logits.scatter_add_(1, y[:, None], grad_logits.new_full((y.shape[0], 1), -1.0))
+            grad_logits = grad_logits.mul_(row_scale[rows, None]).to(weight.dtype)
+            if need_hidden:
+                torch.mm(grad_logits, weight, out=grad_hidden[rows])
+            if need_weight:
+                _accumulate_mm(grad_weight, grad_logits.t(), h)
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(0, dtype=torch.float32)
+        ctx.grads = (
+            grad_hidden,
+            grad_weight.to(weight.dtype) if grad_weight is not None else None,
+            grad_bias.to(bias.dtype) if grad_bias is not None else None,
+        )
+        return (loss_sum / n_valid).to(hidden.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grads = tuple(None if g is None else g * grad_loss.to(g.dtype) for g in ctx.grads)
+        return (*grads, None, None, None, None)
+
+
+def _accumulate_mm(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """total += a @ b, with ``total`` in float32 and ``a``, ``b`` in the inputs' dtype."""
+    if a.dtype == total.dtype:
+        total.addmm_(a, b)
+    else:
+        total += a.mm(b)
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """``F.cross_entropy(F.linear(hidden, weight, bias), labels, ignore_index=...)`` (mean over the
+    non-ignored tokens) without materialising the logits.
+
+    ``hidden``: (..., hidden_size); ``weight``: (vocab, hidden_size) as in ``nn.Linear``;
+    ``labels``: (...) token ids aligned with ``hidden`` (shift them first for causal LM);
+    ``chunk_size``: tokens per chunk, default ``default_chunk_size(vocab)``. With every token
+    ignored the loss is NaN and the gradients zero, as with ``F.cross_entropy``. Under autocast the
+    inputs are cast to the autocast dtype first, as ``F.linear`` would be.
+    """
+    if hidden.shape[:-1] != labels.shape:
+        raise OpError(
+            f"labels of shape {tuple(labels.shape)} do not match hidden states of shape {tuple(hidden.shape)} "
+            f"(expected labels of shape {tuple(hidden.shape[:-1])})"
+        )
+    if hidden.shape[-1] != weight.shape[-1]:
+        raise OpError(
+            f"weight of shape {tuple(weight.shape)} does not fit hidden size {hidden.shape[-1]} "
+            "(expected (vocab, hidden_size), the nn.Linear layout)"
+        )
+    chunk_size = default_chunk_size(weight.shape[0]) if chunk_size is None else chunk_size
+    if chunk_size < 1:
+        raise OpError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    with torch.autocast(device_type, enabled=False):
+        return _ChunkedLinearCrossEntropy.apply(
+            hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels.reshape(-1),
+            ignore_index, chunk_size, torch.is_grad_enabled(),
+        )
+
+
+@register_op("fused_linear_cross_entropy")
+class FusedLinearCrossEntropy(nn.Module):
+    """Module form of :func:`fused_linear_cross_entropy`, like ``nn.CrossEntropyLoss``.
+
+    ``forward(hidden_states, weight, labels, bias=None)`` returns the mean loss; the LM head's
+    weight (often tied to the embeddings) is passed in, so no parameter is copied or owned.
+    """
+
+    def __init__(self, ignore_index: int = -100, chunk_size: int | None = None):
+        super().__init__()
+        self.ignore_index = ignore_index
+        self.chunk_size = chunk_size
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return fused_linear_cross_entropy(hidden_states, weight, labels, bias, self.ignore_index, self.chunk_size)
+
+    def extra_repr(self) -> str:
+        return f"ignore_index={self.ignore_index}, chunk_size={self.chunk_size}"

@@ -1,0 +1,148 @@
+"""Chunked linear + cross-entropy against F.cross_entropy(F.linear(h, W, b), y) (float32, CPU;
+loss and gradients to atol 1e-6 / rtol 1e-5)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from slapo_lightning.op import OPS, FusedLinearCrossEntropy, OpError, fused_linear_cross_entropy
+from slapo_lightning.op.cross_entropy import default_chunk_size
+
+TOL = dict(atol=1e-6, rtol=1e-5)
+HIDDEN, VOCAB = 12, 37
+
+
+def problem(shape=(3, 7), ignored=0.25, bias=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(*shape, HIDDEN, generator=gen, requires_grad=True)
+    weight = (0.5 * torch.randn(VOCAB, HIDDEN, generator=gen)).requires_grad_()
+    b = torch.randn(VOCAB, generator=gen).requires_grad_() if bias else None
+    labels = torch.randint(0, VOCAB, shape, generator=gen)
+    labels[torch.rand(shape, generator=gen) < ignored] = -100
+    return hidden, weight, b, labels
+
+
+def reference(hidden, weight, labels, bias=None, ignore_index=-100):
+    logits = F.linear(hidden, weight, bias)
+    return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), ignore_index=ignore_index)
+
+
+def check(hidden, weight, bias, labels, **kwargs):
+    tensors = [t for t in (hidden, weight, bias) if t is not None]
+    got = fused_linear_cross_entropy(hidden, weight, labels, bias, **kwargs)
+    want = reference(hidden, weight, labels, bias, kwargs.get("ignore_index", -100))
+    torch.testing.assert_close(got, want, **TOL)
+    for g, w in zip(torch.autograd.grad(got, tensors), torch.autograd.grad(want, tensors)):
+        torch.testing.assert_close(g, w, **TOL)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 5, 21, 1000, None])
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_reference_for_any_chunking(chunk_size, bias):
+    hidden, weight, b, labels = problem(bias=bias)
+    assert labels.numel() % 4 and labels.numel() % 5
+    check(hidden, weight, b, labels, chunk_size=chunk_size)
+
+
+def test_ignored_tokens_get_zero_gradient_and_do_not_count():
+    hidden, weight, bias, labels = problem(ignored=0.5)
+    check(hidden, weight, bias, labels, chunk_size=4)
+    loss = fused_linear_cross_entropy(hidden, weight, labels, bias, chunk_size=4)
+    grad, = torch.autograd.grad(loss, hidden)
+    assert torch.all(grad[labels == -100] == 0)
+
+
+def test_custom_ignore_index():
+    hidden, weight, bias, labels = problem(ignored=0.0)
+    labels[0, :3] = 5
+    check(hidden, weight, bias, labels, ignore_index=5, chunk_size=6)
+
+
+def test_all_tokens_ignored_gives_nan_loss_and_zero_grads_like_torch():
+    hidden, weight, bias, labels = problem(ignored=1.0)
+    loss = fused_linear_cross_entropy(hidden, weight, labels, bias, chunk_size=4)
+    assert math.isnan(loss.item()) and math.isnan(reference(hidden, weight, labels, bias).item())
+    loss.backward()
+    assert torch.all(hidden.grad == 0) and torch.all(weight.grad == 0) and torch.all(bias.grad == 0)
+
+
+def test_scaled_upstream_gradient():
+    hidden, weight, bias, labels = problem()
+    got = fused_linear_cross_entropy(hidden, weight, labels, bias, chunk_size=8) * 3.0
+    want = reference(hidden, weight, labels, bias) * 3.0
+    for g, w in zip(torch.autograd.grad(got, [hidden, weight, bias]), torch.autograd.grad(want, [hidden, weight, bias])):
+        torch.testing.assert_close(g, w, **TOL)
+
+
+def test_only_requested_gradients_are_computed():
+    hidden, weight, bias, labels = problem()
+    weight.requires_grad_(False)
+    loss = fused_linear_cross_entropy(hidden, weight, labels, bias, chunk_size=4)
+    loss.backward()
+    assert weight.grad is None and hidden.grad is not None and bias.grad is not None
+
+
+def test_no_grad_mode_returns_the_loss():
+    hidden, weight, bias, labels = problem()
+    with torch.no_grad():
+        loss = fused_linear_cross_entropy(hidden, weight, labels, bias, chunk_size=4)
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, reference(hidden, weight, labels, bias), **TOL)
+
+
+def test_module_form_and_registration():
+    hidden, weight, bias, labels = problem()
+    module = FusedLinearCrossEntropy(chunk_size=5)
+    torch.testing.assert_close(module(hidden, weight, labels, bias), reference(hidden, weight, labels, bias), **TOL)
+    assert OPS.get("fused_linear_cross_entropy") is FusedLinearCrossEntropy
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any aten op produces (forward and backward)."""
+
+    largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def largest_tensor(loss_fn, *args):
+    with LargestTensor() as mode:
+        loss_fn(*args).backward()
+    return mode.largest
+
+
+def test_never_allocates_full_logits():
+    hidden, weight, bias, labels = problem(shape=(4, 16))
+    tokens = labels.numel()
+    assert largest_tensor(reference, hidden, weight, labels, bias) >= tokens * VOCAB
+    chunked = largest_tensor(lambda *a: fused_linear_cross_entropy(*a, chunk_size=8), hidden, weight, labels, bias)
+    assert chunked == max(8 * VOCAB, VOCAB * HIDDEN, tokens * HIDDEN)
+    assert default_chunk_size(50257) * 50257 <= 1 << 25 and default_chunk_size(10**9) == 1
+
+
+def test_shape_errors_name_the_shapes():
+    hidden, weight, bias, labels = problem()
+    with pytest.raises(OpError, match=r"labels of shape \(3, 6\).*expected labels of shape \(3, 7\)"):
+        fused_linear_cross_entropy(hidden, weight, labels[:, :6])
+    with pytest.raises(OpError, match=r"weight of shape \(12, 37\)"):
+        fused_linear_cross_entropy(hidden, weight.t(), labels)
+    with pytest.raises(OpError, match="chunk_size must be a positive number of tokens, got 0"):
+        fused_linear_cross_entropy(hidden, weight, labels, chunk_size=0)
+
+
+def test_bfloat16_under_cpu_autocast_is_close():
+    hidden, weight, bias, labels = problem()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fused_linear_cross_entropy(hidden, weight, labels, bias, chunk_size=4)
+    torch.testing.assert_close(loss.float(), reference(hidden, weight, labels, bias), atol=5e-2, rtol=2e-2)
+    loss.backward()
+    assert hidden.grad.dtype == torch.float32 and weight.grad.dtype == torch.float32
