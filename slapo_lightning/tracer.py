@@ -15,6 +15,7 @@ unseen at trace time must be ``None``. Dropout is made train/eval-correct after 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import inspect
 import math
@@ -399,7 +400,6 @@ def _assert_no_new_kwargs(kwargs: dict, seen: tuple, message: str) -> None:
 
 
 for _guard in (_assert_not_none, _assert_none_result, _assert_no_new_kwargs):
-    torch.fx.wrap(_guard.__name__)
     torch.fx.node._side_effectful_functions.add(_guard)
 
 
@@ -475,8 +475,6 @@ def make_dropout_follow_training(gm: fx.GraphModule) -> None:
     gm.recompile()
 
 
-torch.fx.wrap("_train_only")
-
 
 # -- entry point ------------------------------------------------------------------------------------
 def trace_module(
@@ -517,7 +515,7 @@ def trace_module(
             m.training = mode
     _drop_concrete_values(graph)
     add_input_guards(graph, tracer.examples, module, path)
-    gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
+    gm = TracedModule(module, graph, class_name=type(module).__name__)
     for name in tracer.constants:
         delattr(module, name)
     _adopt_state(module, gm)
@@ -544,6 +542,21 @@ def _drop_concrete_values(graph: fx.Graph) -> None:
         node.meta.pop("concrete", None)
 
 
+class TracedModule(fx.GraphModule):
+    """A GraphModule that keeps all of its module's state through ``copy.deepcopy``.
+
+    fx's own deepcopy rebuilds the module from what the graph references, which would drop
+    unused children, buffer persistence and state-dict hooks.
+    """
+
+    def __deepcopy__(self, memo):
+        fake = nn.Module()
+        fake.__dict__ = copy.deepcopy(self.__dict__, memo)
+        copied = TracedModule(fake, fake.__dict__["_graph"], class_name=self.__class__.__name__)
+        copied.__dict__.update(fake.__dict__)
+        return copied
+
+
 def _adopt_state(module: nn.Module, gm: fx.GraphModule) -> None:
     """Give ``gm`` the original children, parameters and buffers (same objects, same order).
 
@@ -554,5 +567,8 @@ def _adopt_state(module: nn.Module, gm: fx.GraphModule) -> None:
     gm._parameters = type(module._parameters)(module._parameters)
     gm._buffers = type(module._buffers)(module._buffers)
     gm._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
+    for hooks in ("_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+                  "_load_state_dict_post_hooks"):
+        getattr(gm, hooks).update(getattr(module, hooks))
     if hasattr(module, "config"):
         gm.config = module.config

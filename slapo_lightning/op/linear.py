@@ -16,6 +16,8 @@ class LinearWithSeparateBias(nn.Linear):
     optimizers, tied weights and state_dict keys are unaffected.
     """
 
+    inline_when_flattened = True
+
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "LinearWithSeparateBias":
         new = cls.__new__(cls)

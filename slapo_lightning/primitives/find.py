@@ -1,0 +1,30 @@
+"""``sch.find(pattern)``: subgraphs of the traced module that match a pattern."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch.fx as fx
+
+from ..pattern import Subgraph, find_nodes, find_subgraphs, is_node_predicate
+from .registry import register_primitive
+
+
+def _traced(sch) -> fx.GraphModule:
+    if not isinstance(sch.mod, fx.GraphModule):
+        sch.trace()
+    return sch.mod
+
+
+@register_primitive("find")
+def find(sch, pattern: Callable) -> list[Subgraph]:
+    """Matches in graph order; traces the module first if needed. No match gives ``[]``."""
+    gm = _traced(sch)
+    if is_node_predicate(pattern):
+        return find_nodes(gm, sch.path, pattern)
+    return find_subgraphs(gm, sch.path, pattern)
+
+
+@register_primitive("find_node")
+def find_node(sch, predicate: Callable[[fx.Node], bool]) -> list[Subgraph]:
+    """Single-node subgraphs for every node the predicate accepts."""
+    return find_nodes(_traced(sch), sch.path, predicate)

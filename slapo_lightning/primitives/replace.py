@@ -1,0 +1,150 @@
+"""``sch.replace(new, target)``: swap a whole module, one subgraph, or several sharing an input.
+
+Everything that can fail (argument binding, placement) is checked before the graph changes, so a
+failing replace leaves the model as it was.
+"""
+from __future__ import annotations
+
+import inspect
+import operator
+from typing import Any
+
+import torch.fx as fx
+from torch import nn
+
+from ..errors import ReplaceError
+from ..pattern import Subgraph
+from ..state_keys import alias_split_state, supports_split_state
+from ..tracer import forward_signature
+from .registry import register_primitive
+
+
+def unique_child_name(parent: nn.Module, base: str) -> str:
+    """``<base>_<n>`` with the first free ``n``."""
+    n = 0
+    while hasattr(parent, f"{base}_{n}"):
+        n += 1
+    return f"{base}_{n}"
+
+
+def as_subgraph_list(target: Any) -> list[Subgraph]:
+    if isinstance(target, Subgraph):
+        return [target]
+    if isinstance(target, (list, tuple)) and target and all(isinstance(t, Subgraph) for t in target):
+        return list(target)
+    raise ReplaceError(f"replace target must be a subgraph or a list of subgraphs from find(), got {type(target).__name__}"
+                       + (" (empty: the pattern matched nothing)" if isinstance(target, (list, tuple)) and not target else ""))
+
+
+def bind_arguments(new: nn.Module, param_names: list[str], inputs: list[Any],
+                   concrete_args: dict[str, Any] | None) -> dict[str, Any]:
+    """Bind pattern parameters to ``new.forward``: by name, then in order; ``concrete_args`` fill the rest."""
+    sig = forward_signature(new)
+    where = f"{type(new).__name__}.forward{sig}"
+    params = [p for p in sig.parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+    values = dict(zip(param_names, inputs))
+    bound: dict[str, Any] = {}
+    for name, value in (concrete_args or {}).items():
+        if name not in sig.parameters and not takes_kwargs:
+            raise ReplaceError(f"concrete_args {name!r} is not a parameter of {where}")
+        bound[name] = value
+    leftover = []
+    for name in param_names:
+        if any(p.name == name for p in params) and name not in bound:
+            bound[name] = values[name]
+        else:
+            leftover.append(name)
+    free = [p for p in params if p.name not in bound and p.kind is not p.KEYWORD_ONLY]
+    for name in leftover:
+        if not free:
+            raise ReplaceError(f"pattern argument {name!r} does not bind to {where}: no parameter left")
+        bound[free.pop(0).name] = values[name]
+    missing = [p.name for p in params if p.name not in bound and p.default is inspect.Parameter.empty]
+    if missing:
+        raise ReplaceError(f"{where} needs {', '.join(missing)}, which the subgraph does not provide; "
+                           f"pass them in concrete_args")
+    return bound
+
+
+def _insertion_point(graph: fx.Graph, subgraphs: list[Subgraph], bound: dict[str, Any]) -> fx.Node:
+    """The node before which the new call goes: after every input, before every outside user."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    members = {n for sg in subgraphs for n in sg.nodes}
+    inputs = [v for v in bound.values() if isinstance(v, fx.Node)]
+    last_input = max((order[n] for n in inputs), default=-1)
+    users = [u for sg in subgraphs for out in sg.outputs for u in out.users if u not in members]
+    first_user = min((order[u] for u in users), default=len(order) - 1)
+    if last_input >= first_user:
+        raise ReplaceError("cannot place the replacement: an input is computed after a use of the subgraph's output")
+    return list(graph.nodes)[first_user]
+
+
+def _erase(gm: fx.GraphModule, nodes: list[fx.Node]) -> set[str]:
+    """Erase the replaced nodes (last first); return the module targets they called."""
+    called = set()
+    for node in reversed(nodes):
+        if not node.users:
+            if node.op == "call_module":
+                called.add(node.target)
+            gm.graph.erase_node(node)
+    return called
+
+
+def _drop_unused_modules(gm: fx.GraphModule, targets: set[str]) -> None:
+    still_used = {n.target for n in gm.graph.nodes if n.op in ("call_module", "get_attr")}
+    for target in targets:
+        if not any(u == target or u.startswith(target + ".") for u in still_used):
+            gm.delete_submodule(target)
+
+
+def _check_same_graph(gm: fx.GraphModule, subgraphs: list[Subgraph], path: str) -> None:
+    for sg in subgraphs:
+        if any(node.graph is not gm.graph or node._erased for node in sg.nodes):
+            raise ReplaceError(f"a subgraph does not belong to the current graph of {path or '<root>'} "
+                               f"(found in another module, or already replaced); call find() again")
+
+
+@register_primitive("replace")
+def replace(sch, new: nn.Module, target: Any = None, name: str | None = None,
+            concrete_args: dict[str, Any] | None = None) -> nn.Module:
+    """Replace the module (``target=None``), a subgraph, or subgraphs sharing inputs by ``new``."""
+    if not isinstance(new, nn.Module):
+        raise ReplaceError(f"replace expects an nn.Module, got {type(new).__name__}")
+    if target is None:
+        sch.replace_module(new)
+        return new
+    gm = sch.mod
+    if not isinstance(gm, fx.GraphModule):
+        raise ReplaceError(f"{sch.path or '<root>'} is not traced; call trace() or find() first")
+    subgraphs = as_subgraph_list(target)
+    _check_same_graph(gm, subgraphs, sch.path)
+    first = subgraphs[0]
+    if any(list(sg.inputs) != list(first.inputs) for sg in subgraphs[1:]):
+        raise ReplaceError("horizontal replace needs subgraphs that share their inputs")
+    if len(subgraphs) > 1 and any(len(sg.outputs) != 1 for sg in subgraphs):
+        raise ReplaceError("horizontal replace needs subgraphs with one output each")
+    bound = bind_arguments(new, first.param_names, first.inputs, concrete_args)
+    anchor = _insertion_point(gm.graph, subgraphs, bound)
+    child_name = name or unique_child_name(gm, type(new).__name__)
+    if hasattr(gm, child_name):
+        raise ReplaceError(f"{sch.path or '<root>'} already has a child named {child_name!r}")
+    original_modules = [[n.target for n in sg.nodes if n.op == "call_module"] for sg in subgraphs]
+
+    gm.add_submodule(child_name, new)
+    with gm.graph.inserting_before(anchor):
+        call = gm.graph.call_module(child_name, kwargs=bound)
+        outputs = [out for sg in subgraphs for out in sg.outputs]
+        if len(outputs) == 1:
+            outputs[0].replace_all_uses_with(call)
+        else:
+            for i, out in enumerate(outputs):
+                out.replace_all_uses_with(gm.graph.call_function(operator.getitem, (call, i)))
+    removed = _erase(gm, sorted({n for sg in subgraphs for n in sg.nodes}, key=list(gm.graph.nodes).index))
+    if len(subgraphs) > 1 and supports_split_state(new) and all(len(m) == 1 for m in original_modules):
+        alias_split_state(gm, child_name, [m[0] for m in original_modules])
+    _drop_unused_modules(gm, removed)
+    gm.graph.lint()
+    gm.recompile()
+    return new
+
