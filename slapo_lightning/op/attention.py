@@ -70,17 +70,17 @@ class FlashAttentionOp(nn.Module):
         self.scale = scale
         self.strict = strict
         self._warned = False
-        if strict and self.backend_name != AUTO and not ATTENTION_BACKENDS.get(self.backend_name).installed():
-            backend = ATTENTION_BACKENDS.get(self.backend_name)
+        # Resolved once here, so that forward does no registry sorting or package probing (which
+        # would also break graphs under torch.compile).
+        self._candidates = [b for b in backends_by_speed() if b.installed()]
+        self._named = None if self.backend_name == AUTO else ATTENTION_BACKENDS.get(self.backend_name)
+        self._named_installed = self._named is None or self._named.installed()
+        self._fallback = ATTENTION_BACKENDS.get(FALLBACK)
+        if strict and not self._named_installed:
             raise BackendError(
-                f"attention backend {attn_op_name!r} needs the package {backend.package!r}, which is not "
-                f"installed; install it or use one of: {', '.join(self.usable_backends())}"
+                f"attention backend {attn_op_name!r} needs the package {self._named.package!r}, which is not "
+                f"installed; install it or use one of: {', '.join(b.name for b in self._candidates)}"
             )
-
-    @staticmethod
-    def usable_backends() -> list[str]:
-        """Registered backends whose packages are installed."""
-        return [name for name, backend in ATTENTION_BACKENDS.items() if backend.installed()]
 
     def forward(
         self,
@@ -99,19 +99,21 @@ class FlashAttentionOp(nn.Module):
     def select_backend(self, q: torch.Tensor, mask: torch.Tensor | None, dropout_p: float) -> AttentionBackend:
         """The backend this op runs these inputs on (falls back, warns or raises as configured)."""
         causal = self.apply_causal_mask
-        if self.backend_name == AUTO:
-            return next(b for b in backends_by_speed() if b.supports(q, mask, dropout_p, causal))
-        backend = ATTENTION_BACKENDS.get(self.backend_name)
-        reason = backend.unsupported_reason(q, mask, dropout_p, causal)
+        if self._named is None:
+            return next(b for b in self._candidates if b.unsupported_reason(q, mask, dropout_p, causal) is None)
+        if self._named_installed:
+            reason = self._named.unsupported_reason(q, mask, dropout_p, causal)
+        else:
+            reason = f"package {self._named.package!r} is not installed"
         if reason is None:
-            return backend
+            return self._named
         message = f"attention backend {self.attn_op_name!r} cannot run here: {reason}"
         if self.strict:
             raise BackendError(f"{message}; pass strict=False to fall back to {FALLBACK!r}")
         if not self._warned:
             self._warned = True
             warnings.warn(f"{message}; falling back to {FALLBACK!r}", RuntimeWarning, stacklevel=3)
-        return ATTENTION_BACKENDS.get(FALLBACK)
+        return self._fallback
 
     def extra_repr(self) -> str:
         return f"attn_op_name={self.attn_op_name!r}, apply_causal_mask={self.apply_causal_mask}, scale={self.scale}"

@@ -103,9 +103,7 @@ class AttentionBackend:
     def unsupported_reason(
         self, q: torch.Tensor, mask: torch.Tensor | None, dropout_p: float, causal: bool
     ) -> str | None:
-        """Why this backend cannot run these inputs, or None when it can."""
-        if not self.installed():
-            return f"package {self.package!r} is not installed"
+        """Why this (installed) backend cannot run these inputs, or None when it can."""
         if self.devices is not None and q.device.type not in self.devices:
             return f"it needs {' or '.join(self.devices)} tensors, got {q.device.type}"
         if self.dtypes is not None and q.dtype not in self.dtypes:
@@ -117,7 +115,7 @@ class AttentionBackend:
         return None
 
     def supports(self, q: torch.Tensor, mask: torch.Tensor | None, dropout_p: float, causal: bool) -> bool:
-        return self.unsupported_reason(q, mask, dropout_p, causal) is None
+        return self.installed() and self.unsupported_reason(q, mask, dropout_p, causal) is None
 
     def run(self, q, k, v, mask, dropout_p: float, causal: bool, scale: float | None) -> torch.Tensor:
         raise NotImplementedError
