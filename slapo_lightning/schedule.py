@@ -16,6 +16,7 @@ from torch import nn
 from .errors import PathError, ScheduleError, closest
 from .primitives.registry import PRIMITIVES
 from .registry import import_object
+from .tracer import CallArgs, training_defaults
 
 
 class Schedule:
@@ -136,6 +137,8 @@ class _Root:
         example = self.example_inputs if self.example_inputs is not None else _hf_dummy_inputs(self.module)
         if example is None:
             return
+        if isinstance(example, dict):
+            example = {**training_defaults(self.module), **example}
         names = {m: p for p, m in self.module.named_modules()}
         handles = []
 
@@ -162,12 +165,8 @@ class _Root:
             self.module.train(was_training)
 
 
-def _as_example(args: tuple, kwargs: dict) -> Any:
-    if not kwargs:
-        return tuple(args)
-    if not args:
-        return dict(kwargs)
-    return (tuple(args), dict(kwargs))
+def _as_example(args: tuple, kwargs: dict) -> CallArgs:
+    return CallArgs(tuple(args), dict(kwargs))
 
 
 def _hf_dummy_inputs(model: nn.Module) -> dict | None:

@@ -21,7 +21,7 @@ import inspect
 import math
 import operator
 import warnings
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
 import torch.fx as fx
@@ -66,9 +66,12 @@ class ConcreteProxy(fx.Proxy):
     def _known(self, what: str) -> Any:
         value = _concrete(self)
         if value is UNKNOWN:
+            cause = self.tracer.first_concrete_error
             raise TraceError(
                 f"{self.tracer.path_for_errors}: `{what}` on traced value {self.node.name!r} needs a "
-                f"concrete value; pass example_inputs to trace() so data-dependent Python can be resolved"
+                f"concrete value; "
+                + (f"computing it failed earlier ({cause})" if cause else
+                   "pass example_inputs to trace() so data-dependent Python can be resolved")
             )
         return value
 
@@ -129,6 +132,7 @@ class HFTracer(fx.Tracer):
         self.examples: dict[str, Any] = {}
         self.recorded_calls: dict[str, tuple[tuple, dict]] = {}
         self.constants: dict[str, Any] = {}
+        self.first_concrete_error: str | None = None
         self._executing = 0
         self.proxy_buffer_attributes = True
 
@@ -167,16 +171,15 @@ class HFTracer(fx.Tracer):
         params = list(inspect.signature(unwrapped).parameters.values())
 
         def call_decorated(*values):
-            positional, keyword = [], {}
-            for param, value in zip(params, values):
+            positional, keyword, extra = [values[0]], {}, {}
+            for param, value in zip(params[1:], values[1:]):
                 if param.kind is param.VAR_KEYWORD:
-                    keyword.update({k: value[k] for k in value.keys()})
+                    extra = {k: value[k] for k in value.keys()}
                 elif param.kind is param.VAR_POSITIONAL:
                     positional.extend(value)
-                elif param.kind is param.KEYWORD_ONLY:
-                    keyword[param.name] = value
                 else:
-                    positional.append(value)
+                    keyword[param.name] = value
+            keyword.update({k: v for k, v in extra.items() if k not in keyword})
             return root_fn(*positional, **keyword)
 
         return call_decorated, args
@@ -234,7 +237,8 @@ class HFTracer(fx.Tracer):
                     self.recorded_calls.setdefault(target, (c_args, c_kwargs))
                     return _run_module_for_shapes(module, c_args, c_kwargs)
         except Exception as exc:  # the symbolic graph is still right; only the value is lost
-            node.meta["concrete_error"] = f"{type(exc).__name__}: {exc}"
+            if self.first_concrete_error is None:
+                self.first_concrete_error = f"{node.name}: {type(exc).__name__}: {_first_line(exc)}"
         return UNKNOWN
 
 
@@ -334,6 +338,13 @@ def _leaf_functions_patched():
 
 
 # -- example inputs ---------------------------------------------------------------------------------
+class CallArgs(NamedTuple):
+    """Positional and keyword arguments of one recorded call, usable as ``example_inputs``."""
+
+    args: tuple
+    kwargs: dict
+
+
 def forward_signature(module: nn.Module) -> inspect.Signature:
     """Signature of ``module.forward`` without ``self``, seen through HF's decorators."""
     forward = module.forward
@@ -351,7 +362,9 @@ def bind_examples(module: nn.Module, example_inputs: Any) -> tuple[dict[str, Any
     and the optional parameters the examples do not mention, frozen to their defaults.
     """
     sig = forward_signature(module)
-    if isinstance(example_inputs, dict):
+    if isinstance(example_inputs, CallArgs):
+        args, kwargs = tuple(example_inputs.args), dict(example_inputs.kwargs)
+    elif isinstance(example_inputs, dict):
         args, kwargs = (), dict(example_inputs)
     else:
         args, kwargs = tuple(example_inputs), {}
@@ -495,10 +508,9 @@ def trace_module(
     frozen: dict[str, Any] = {}
     if example_inputs is not None:
         tracer.examples, frozen = bind_examples(module, example_inputs)
-    for name, value in _training_defaults(module).items():
-        if frozen.get(name, value) is None or name not in tracer.examples and name not in frozen:
-            frozen.pop(name, None)
-            tracer.examples[name] = value
+    for name, value in training_defaults(module).items():
+        frozen.pop(name, None)
+        tracer.examples[name] = value
     frozen.update(concrete_args or {})
     modes = {m: m.training for m in module.modules()}
     try:
@@ -514,6 +526,9 @@ def trace_module(
         for m, mode in modes.items():
             m.training = mode
     _drop_concrete_values(graph)
+    _rename_shadowing_nodes(graph)
+    _restore_parameter_names(graph, frozen)
+    _guards_in_our_family(graph, path)
     add_input_guards(graph, tracer.examples, module, path)
     gm = TracedModule(module, graph, class_name=type(module).__name__)
     for name in tracer.constants:
@@ -524,7 +539,7 @@ def trace_module(
     return gm, tracer.recorded_calls
 
 
-def _training_defaults(module: nn.Module) -> dict[str, Any]:
+def training_defaults(module: nn.Module) -> dict[str, Any]:
     """Values the trace assumes (unguarded) for arguments a training graph ignores.
 
     HF's KV cache belongs to generation, never to a static training graph.
@@ -540,6 +555,33 @@ def _first_line(exc: BaseException) -> str:
 def _drop_concrete_values(graph: fx.Graph) -> None:
     for node in graph.nodes:
         node.meta.pop("concrete", None)
+
+
+def _restore_parameter_names(graph: fx.Graph, frozen: dict[str, Any]) -> None:
+    """fx names frozen parameters ``<name>_1`` in the signature; HF callers pass them by keyword."""
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            base = node.target.rpartition("_")[0]
+            if base in frozen and node.target == f"{base}_1":
+                node.target = base
+
+
+def _guards_in_our_family(graph: fx.Graph, path: str) -> None:
+    """fx's own "specialised to None" asserts raise TraceError naming the module, like ours."""
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is fx._symbolic_trace._assert_is_none:
+            value, message = node.args
+            name = message.split(" has been specialized")[0]
+            node.target = _assert_none_result
+            node.args = (value, f"{path or '<root>'} was traced with {name}=None but got a value; "
+                                f"re-trace with example_inputs that include {name}")
+
+
+def _rename_shadowing_nodes(graph: fx.Graph) -> None:
+    """A call of HF's child named ``self`` (BertAttention.self) would shadow ``self`` in the code."""
+    for node in graph.nodes:
+        if node.name == "self":
+            node._rename("self_module")
 
 
 class TracedModule(fx.GraphModule):

@@ -1,6 +1,7 @@
 """``sch.trace()``: turn the module into a torch.fx GraphModule, in place."""
 from __future__ import annotations
 
+import warnings
 from typing import Any, Iterable
 
 import torch.fx as fx
@@ -21,10 +22,20 @@ def is_op_leaf(module: nn.Module) -> bool:
     )
 
 
+def disable_kv_cache(root: nn.Module) -> None:
+    """Traced layers cannot fill HF's KV cache; make the model stop passing one (training never uses it)."""
+    config = getattr(root, "config", None)
+    if getattr(config, "use_cache", False):
+        warnings.warn("slapo_lightning: setting config.use_cache=False: traced layers cannot update a KV cache",
+                      stacklevel=3)
+        config.use_cache = False
+
+
 @register_primitive("trace")
 def trace(sch, flatten: bool = False, leaves: Iterable[Any] | None = None,
           concrete_args: dict | None = None, example_inputs: Any = None) -> fx.GraphModule:
     """Trace ``sch.mod``; ``flatten=False`` keeps every child as its own traced module."""
+    disable_kv_cache(sch.root.mod)
     module = sch.mod
     if isinstance(module, fx.GraphModule) and getattr(module, "_slapo_flatten", None) == flatten and not leaves:
         return module
