@@ -1,0 +1,176 @@
+"""replace / decompose / fuse / checkpoint / build / verify keep what the model computes."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import slapo_lightning as slapo
+from slapo_lightning.op import FusedQKV, LinearWithSeparateBias
+from slapo_lightning.pattern import call_module
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden=16, heads=4):
+        super().__init__()
+        self.query, self.key, self.value = nn.Linear(hidden, hidden), nn.Linear(hidden, hidden), nn.Linear(hidden, hidden)
+        self.dense = nn.Linear(hidden, hidden)
+        self.dropout = nn.Dropout(0.1)
+        self.norm = nn.LayerNorm(hidden)
+        self.heads = heads
+
+    def forward(self, x):
+        q, k, v = self.query(x), self.key(x), self.value(x)
+        split = lambda t: t.view(t.shape[0], t.shape[1], self.heads, -1).transpose(1, 2)  # noqa: E731
+        out = F.scaled_dot_product_attention(split(q), split(k), split(v))
+        out = out.transpose(1, 2).reshape(x.shape)
+        return self.norm(self.dropout(self.dense(out)) + x)
+
+
+def qkv_pattern(x):
+    return call_module(r"query|key|value", x)
+
+
+def inputs():
+    return (torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0)),)
+
+
+def test_horizontal_replace_with_weight_preserving_op_keeps_outputs_grads_and_state_keys():
+    model = Attention()
+    original = copy.deepcopy(model)
+    keys = list(model.state_dict())
+    sch = slapo.create_schedule(model)
+    found = sch.find(qkv_pattern)
+    assert len(found) == 3
+    new = sch.replace(FusedQKV.from_linears(model.query, model.key, model.value, n_heads=4), found)
+    assert sch["FusedQKV_0"].mod is new
+    assert not hasattr(sch.mod, "query")
+    slapo.verify(original, sch.mod, inputs(), rtol=1e-5, atol=1e-6)
+    assert sorted(sch.mod.state_dict()) == sorted(keys)
+    plain = Attention()
+    plain.load_state_dict(sch.mod.state_dict(), strict=True)
+    slapo.verify(original, plain, inputs())
+    other = Attention()
+    sch.mod.load_state_dict(other.state_dict(), strict=True)
+    slapo.verify(other, sch.mod, inputs(), rtol=1e-5, atol=1e-6)
+
+
+class Scaled(nn.Module):
+    def forward(self, q, k, v, attention_mask=None, p=0.0):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=p)
+
+
+def test_vertical_replace_binds_by_name_then_position_and_names_children():
+    model = Attention()
+    original = copy.deepcopy(model)
+    sch = slapo.create_schedule(model)
+
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
+
+    sch.replace(Scaled(), sch.find(sdpa), concrete_args={"p": 0.0})
+    assert isinstance(sch["Scaled_0"].mod, Scaled)
+    slapo.verify(original, sch.mod, inputs())
+
+
+def test_failing_replace_changes_nothing_and_says_why():
+    model = Attention()
+    sch = slapo.create_schedule(model)
+    found = sch.find(qkv_pattern)
+    before = sch.mod.code
+
+    class NeedsMore(nn.Module):
+        def forward(self, x, scale):
+            return x * scale
+
+    with pytest.raises(slapo.ReplaceError, match=r"needs scale"):
+        sch.replace(NeedsMore(), found[0])
+    with pytest.raises(slapo.ReplaceError, match=r"concrete_args 'nope' is not a parameter"):
+        sch.replace(NeedsMore(), found[0], concrete_args={"nope": 1})
+    with pytest.raises(slapo.ReplaceError, match="matched nothing"):
+        sch.replace(NeedsMore(), [])
+    assert sch.mod.code == before and list(sch.mod.named_children()) == list(model.named_children())
+
+
+def test_decompose_reuses_the_parameters():
+    model = Attention()
+    weight, bias = model.dense.weight, model.dense.bias
+    sch = slapo.create_schedule(model)
+    sch["dense"].decompose()
+    assert isinstance(model.dense, LinearWithSeparateBias)
+    assert model.dense.weight is weight and model.dense.bias is bias
+    with pytest.raises(slapo.ScheduleError, match="expected nn.Linear"):
+        sch["norm"].decompose()
+
+
+@pytest.mark.parametrize("compiler", [None, "TorchScript"])
+def test_fuse_bias_dropout_residual_layernorm(compiler):
+    model = Attention()
+    original = copy.deepcopy(model)
+    keys = list(model.state_dict())
+    sch = slapo.create_schedule(model)
+    sch["dense"].decompose()
+    sch.trace(flatten=True)
+
+    def pattern(x, bias, residual):
+        return F.layer_norm(F.dropout(x + bias) + residual, 16)
+
+    (found,) = [sch.find(pattern)]
+    assert len(found) == 1
+    sch.fuse(found, compiler=compiler, name="FusedLN")
+    assert "FusedLN_0" in sch.child
+    assert list(sch.mod.state_dict()) == keys
+    slapo.verify(original, sch.mod, inputs(), rtol=1e-5, atol=1e-6)
+    model.train(), original.train()
+    torch.manual_seed(0)
+    a = original(*inputs())
+    torch.manual_seed(0)
+    b = model(*inputs())
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_fuse_with_inductor():
+    model = Attention()
+    original = copy.deepcopy(model)
+    sch = slapo.create_schedule(model)
+    sch["dense"].decompose()
+    sch.trace(flatten=True)
+    sch.fuse(sch.find(lambda x, bias: F.dropout(x + bias)), compiler="inductor", name="BiasDropout")
+    slapo.verify(original, sch.mod, inputs(), rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoint_module_and_subgraph_keep_outputs_grads_and_keys():
+    model = Attention()
+    original = copy.deepcopy(model)
+    keys = list(model.state_dict())
+    sch = slapo.create_schedule(model)
+    sch["dense"].checkpoint()
+    sch.trace(flatten=True)
+    sch.checkpoint(sch.find(lambda x: F.scaled_dot_product_attention(x, x, x)) or
+                   sch.find(lambda q, k, v: F.scaled_dot_product_attention(q, k, v)))
+    assert list(sch.mod.state_dict()) == keys
+    slapo.verify(original, sch.mod, inputs(), rtol=1e-5, atol=1e-6)
+
+
+def test_build_keeps_weights_unless_asked_and_makes_an_optimizer():
+    model = Attention()
+    weight = model.dense.weight.detach().clone()
+    sch = slapo.create_schedule(model)
+    built, opt = slapo.build(sch, init_weights=False, optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    assert built is model and torch.equal(model.dense.weight, weight)
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in model.parameters()}
+    built, opt = slapo.build(sch, init_weights=True)
+    assert opt is None and not torch.equal(model.dense.weight, weight)
+
+
+def test_verify_names_the_worst_tensor():
+    model = Attention()
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.norm.bias.add_(1.0)
+    with pytest.raises(slapo.VerificationError, match=r"output: max abs error"):
+        slapo.verify(model, broken, inputs())
