@@ -1,0 +1,113 @@
+"""Lightning DataModule over local text (default: the interpreter's standard library)."""
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+import lightning.pytorch as pl
+from torch.utils.data import DataLoader, default_collate
+from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerFast
+
+from .blocks import OBJECTIVES, PackedBlocks, build_blocks
+from .corpus import Document, corpus_fingerprint, load_documents, split_documents
+from .tokenizer import load_tokenizer, train_or_load_tokenizer
+from ..lightning.errors import RecipeError
+
+
+class TextDataModule(pl.LightningDataModule):
+    """Text files -> deterministic split -> local tokenizer -> packed blocks -> batches.
+
+    ``tokenizer`` is available before ``setup`` (the model needs its vocabulary size); it is
+    trained on the training split only, or loaded from ``tokenizer_path``.
+    """
+
+    def __init__(
+        self,
+        objective: str = "clm",
+        paths: list[str] | None = None,
+        file_glob: str = "**/*.txt",
+        hf_dataset: str | None = None,
+        hf_split: str = "train",
+        hf_text_field: str = "text",
+        max_chars: int | None = 2_000_000,
+        max_files: int | None = None,
+        val_fraction: float = 0.05,
+        seq_len: int = 128,
+        batch_size: int = 16,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        tokenizer_kind: str = "byte_bpe",
+        vocab_size: int = 8192,
+        tokenizer_path: str | None = None,
+        cache_dir: str = "~/.cache/slapo_lightning",
+        mlm_probability: float = 0.15,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if objective not in OBJECTIVES:
+            raise RecipeError(f"data.objective={objective!r} is unknown; valid: {', '.join(OBJECTIVES)}")
+        self.save_hyperparameters()
+        self.objective = objective
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.tokenizer_dir: Path | None = None
+        self.train_set: PackedBlocks | None = None
+        self.val_set: PackedBlocks | None = None
+
+    @cached_property
+    def documents(self) -> tuple[list[Document], list[Document]]:
+        """``(train, val)`` documents."""
+        hp = self.hparams
+        docs = load_documents(hp.paths, hp.file_glob, hp.hf_dataset, hp.hf_split, hp.hf_text_field, hp.max_chars, hp.max_files)
+        return split_documents(docs, hp.val_fraction)
+
+    @cached_property
+    def tokenizer(self) -> PreTrainedTokenizerFast:
+        hp = self.hparams
+        if hp.tokenizer_path:
+            self.tokenizer_dir = Path(hp.tokenizer_path)
+            return load_tokenizer(hp.tokenizer_path)
+        train_docs, _ = self.documents
+        tokenizer, self.tokenizer_dir, _ = train_or_load_tokenizer(
+            hp.tokenizer_kind, hp.vocab_size, [d.text for d in train_docs], corpus_fingerprint(train_docs), hp.cache_dir
+        )
+        return tokenizer
+
+    def prepare_data(self) -> None:
+        """Train and cache the tokenizer once (rank 0) before other ranks load it in ``setup``."""
+        self.tokenizer
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        train_docs, val_docs = self.documents
+        self.train_set = build_blocks(self.tokenizer, [d.text for d in train_docs], self.objective, self.seq_len, "train")
+        self.val_set = build_blocks(self.tokenizer, [d.text for d in val_docs], self.objective, self.seq_len, "validation")
+
+    @cached_property
+    def collate(self):
+        """Stacks causal-LM blocks; masks masked-LM blocks anew each batch (15%, 80/10/10)."""
+        if self.objective == "clm":
+            return default_collate
+        return DataCollatorForLanguageModeling(
+            self.tokenizer, mlm=True, mlm_probability=self.hparams.mlm_probability, seed=self.hparams.seed
+        )
+
+    def _loader(self, dataset: PackedBlocks, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=self.collate,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, self.eval_batch_size, shuffle=False)
