@@ -1,0 +1,53 @@
+"""Build the Hugging Face model of a recipe: a size preset (random init) or a local pretrained directory."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from transformers import PretrainedConfig, PreTrainedModel
+
+from .errors import RecipeError
+
+
+def preset_config(size: str, sizes: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The HF config fields of preset ``size``; an unknown size names the valid ones."""
+    if size not in sizes:
+        raise RecipeError(f"model.size={size!r} is not a preset; valid: {', '.join(sizes)}")
+    return dict(sizes[size])
+
+
+def build_hf_model(
+    model_class: type[PreTrainedModel],
+    config_class: type[PretrainedConfig],
+    size: str,
+    sizes: Mapping[str, Mapping[str, Any]],
+    config: Mapping[str, Any] | None,
+    vocab_size: int | None,
+    token_ids: Mapping[str, int] | None,
+    pretrained_path: str | None,
+    attn_implementation: str,
+) -> PreTrainedModel:
+    """A randomly initialised model from ``sizes[size]`` updated by ``config``, or the weights in
+    ``pretrained_path`` (a local ``save_pretrained`` directory; the hub is never contacted)."""
+    if pretrained_path:
+        directory = Path(os.path.expanduser(pretrained_path))
+        if not (directory / "config.json").is_file():
+            raise RecipeError(f"model.pretrained_path: {pretrained_path!r} is not a directory with a config.json")
+        model = model_class.from_pretrained(str(directory), attn_implementation=attn_implementation, local_files_only=True)
+        if vocab_size is not None and vocab_size > model.config.vocab_size:
+            raise RecipeError(
+                f"model.pretrained_path: the model's vocabulary ({model.config.vocab_size}) is smaller than the "
+                f"tokenizer's ({vocab_size}); use the tokenizer saved with it (data.tokenizer_path={pretrained_path})"
+            )
+        return model
+    fields = preset_config(size, sizes)
+    fields.update(config or {})
+    fields.update(token_ids or {})
+    if vocab_size is not None:
+        fields["vocab_size"] = vocab_size
+    try:
+        hf_config = config_class(**fields, attn_implementation=attn_implementation)
+        return model_class(hf_config)
+    except (ValueError, TypeError) as exc:
+        raise RecipeError(f"model: cannot build {model_class.__name__} from {fields}: {exc}") from exc

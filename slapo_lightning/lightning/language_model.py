@@ -1,0 +1,112 @@
+"""What the masked- and causal-LM LightningModules share: model construction, optimisation, logging."""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import lightning.pytorch as pl
+import torch
+from torchmetrics import MeanMetric
+from transformers import PretrainedConfig, PreTrainedModel, get_cosine_with_min_lr_schedule_with_warmup
+
+from .errors import RecipeError
+from .hf_models import build_hf_model
+from .lm_loss import IGNORE_INDEX, LMHeadLoss
+from .throughput import forward_flops_per_token
+
+
+class LanguageModelModule(pl.LightningModule):
+    """A Hugging Face LM as ``self.model`` (the ScheduleCallback's default target), trained with
+    AdamW, linear warmup and cosine decay to ``min_lr_ratio * lr``; logs loss and perplexity.
+
+    Subclasses set ``model_class``/``config_class`` and implement ``loss(batch) -> (loss, n)``,
+    ``n`` being the number of predicted tokens (validation loss is averaged per token).
+    """
+
+    model_class: type[PreTrainedModel]
+    config_class: type[PretrainedConfig]
+
+    def __init__(
+        self,
+        size: str = "tiny",
+        sizes: Mapping[str, Mapping[str, Any]] | None = None,
+        config: Mapping[str, Any] | None = None,
+        vocab_size: int | None = None,
+        token_ids: Mapping[str, int] | None = None,
+        pretrained_path: str | None = None,
+        attn_implementation: str = "sdpa",
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 50,
+        min_lr_ratio: float = 0.1,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = build_hf_model(
+            self.model_class, self.config_class, size, sizes or {}, config, vocab_size, token_ids,
+            pretrained_path, attn_implementation,
+        )
+        self.model.lm_loss = LMHeadLoss()
+        self.val_loss = MeanMetric()
+        self.flops_per_batch: int | None = None
+        self._flops_per_token: int | None = None
+
+    @property
+    def max_positions(self) -> int:
+        return int(self.model.config.max_position_embeddings)
+
+    def check_sequence_length(self, seq_len: int) -> None:
+        if seq_len > self.max_positions:
+            raise RecipeError(
+                f"data.seq_len={seq_len} exceeds the model's {self.max_positions} positions; "
+                "lower data.seq_len or pick a larger model.size"
+            )
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        raise NotImplementedError
+
+    @staticmethod
+    def predicted_tokens(labels: torch.Tensor) -> int:
+        return int((labels != IGNORE_INDEX).sum())
+
+    def _count_flops(self, batch: dict[str, torch.Tensor], passes: int) -> None:
+        """``flops_per_batch`` for ThroughputMonitor's MFU (a backward pass costs two forwards)."""
+        if self._flops_per_token is None:
+            self._flops_per_token = forward_flops_per_token(self.model, batch["input_ids"].shape[-1])
+        self.flops_per_batch = passes * self._flops_per_token * batch["input_ids"].numel()
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, _ = self.loss(batch)
+        self._count_flops(batch, passes=3)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/ppl", torch.exp(loss.detach()))
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss, tokens = self.loss(batch)
+        self._count_flops(batch, passes=1)
+        self.val_loss.update(loss, tokens)
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log("val/loss", loss, prog_bar=True)
+        self.log("val/ppl", torch.exp(loss), prog_bar=True)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": hp.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise RecipeError("trainer.max_steps (or trainer.max_epochs) must be set for the learning-rate schedule")
+        scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer, num_warmup_steps=min(hp.warmup_steps, int(total)), num_training_steps=int(total),
+            min_lr_rate=hp.min_lr_ratio,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
