@@ -1,0 +1,1 @@
+"""Hydra config tree of ``slapo-train`` (a package so Hydra finds it via ``pkg://`` once installed)."""

@@ -1,0 +1,164 @@
+"""Command-line overrides checked against the config tree, and errors reduced to one line.
+
+Hydra reports a bad override with several lines (and a traceback for errors raised while the job
+runs). ``check_overrides`` composes the config first and names, in one line, the unknown group
+option, the unknown key or the value of the wrong type, with what would have been valid.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
+from hydra.errors import HydraException, InstantiationException, MissingConfigException, OverrideParseException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ..errors import ScheduleError
+from .errors import RecipeError
+
+CONFIG_MODULE = "slapo_lightning.configs"
+CONFIG_NAME = "train"
+_ABSENT = object()
+
+# Errors that mean "the user asked for something that cannot work": reported in one line.
+USER_ERRORS: tuple[type[BaseException], ...] = (ScheduleError, HydraException, OmegaConfBaseException)
+try:
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    USER_ERRORS += (MisconfigurationException,)
+except ImportError:
+    pass
+
+
+def one_line(exc: BaseException) -> str:
+    """``exc`` as one line: the project's own error (also when Hydra wrapped it) or a condensed message."""
+    chain: list[BaseException] = []
+    cause: BaseException | None = exc
+    while cause is not None and cause not in chain:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    for error in chain:
+        if isinstance(error, ScheduleError) and str(error).strip():
+            return _condense(str(error))
+    if isinstance(exc, MissingConfigException) and exc.missing_cfg_file:
+        group, _, name = exc.missing_cfg_file.rpartition("/")
+        valid = f"; valid: {', '.join(exc.options)}" if exc.options else ""
+        return f"unknown {group or 'config'} {name!r}{valid}"
+    if isinstance(exc, InstantiationException) and exc.__cause__ is not None:
+        key = _full_key(exc)
+        return f"{key + ': ' if key else ''}{type(exc.__cause__).__name__}: {_condense(str(exc.__cause__))}"
+    for error in chain:
+        if str(error).strip():
+            return _condense(str(error))
+    return type(exc).__name__
+
+
+def _condense(message: str) -> str:
+    """Hydra/OmegaConf messages joined into one line, without the config search path dump."""
+    message = message.split("Config search path")[0]
+    lines = [" ".join(line.split()) for line in message.splitlines()]
+    return "; ".join(line for line in lines if line)
+
+
+def _full_key(exc: InstantiationException) -> str:
+    for line in str(exc).splitlines():
+        if line.strip().startswith("full_key:"):
+            return line.split(":", 1)[1].strip()
+    return ""
+
+
+def _group_options(group: str) -> list[str]:
+    return GlobalHydra.instance().config_loader().get_group_options(group)
+
+
+def _check_group(override: Override, options: list[str]) -> None:
+    if override.is_delete():
+        return
+    value = override.value()
+    chosen = value if isinstance(value, list) else [value]
+    for choice in chosen:
+        if choice is not None and str(choice) not in options:
+            raise RecipeError(f"unknown {override.key_or_group} {choice!r}; valid: {', '.join(options)}")
+
+
+def _describe_keys(node: Any) -> str:
+    keys = list(node) if isinstance(node, dict) else []
+    return ", ".join(map(str, keys)) if keys else "(none)"
+
+
+def _lookup(tree: Any, parts: list[str]) -> Any:
+    """The raw (unresolved) value at ``parts`` of a plain container tree, or ``_ABSENT``."""
+    for part in parts:
+        if isinstance(tree, dict) and part in tree:
+            tree = tree[part]
+        elif isinstance(tree, list) and part.isdigit() and int(part) < len(tree):
+            tree = tree[int(part)]
+        else:
+            return _ABSENT
+    return tree
+
+
+def _check_key(override: Override, tree: dict) -> None:
+    """A value override must name an existing key (``+key=`` adds one) with a value of its type."""
+    key = override.key_or_group
+    if override.is_add() or override.is_force_add() or override.is_hydra_override():
+        return
+    parts = key.split(".")
+    current = _lookup(tree, parts)
+    if current is _ABSENT:
+        for depth in range(len(parts) - 1, -1, -1):
+            parent = _lookup(tree, parts[:depth])
+            if parent is not _ABSENT:
+                where = ".".join(parts[:depth]) or "the top level"
+                raise RecipeError(
+                    f"unknown key {key!r}: {where} has no {parts[depth]!r} (valid: {_describe_keys(parent)}); "
+                    f"to add a new key use +{key}=..."
+                )
+    if override.is_delete() or override.is_sweep_override():
+        return
+    _check_type(key, current, override.value())
+
+
+def _check_type(key: str, current: Any, new: Any) -> None:
+    if current is None or new is None or isinstance(current, (dict, list, str)):
+        return
+    expected: tuple[type, ...]
+    if isinstance(current, bool):
+        expected, name = (bool,), "true or false"
+    elif isinstance(current, int):
+        expected, name = (int,), "an integer"
+    elif isinstance(current, float):
+        expected, name = (int, float), "a number"
+    else:
+        return
+    if not isinstance(new, expected) or (isinstance(new, bool) and bool not in expected):
+        raise RecipeError(f"bad value {key}={new!r}: expected {name}")
+
+
+def check_overrides(overrides: list[str], config_name: str = CONFIG_NAME) -> DictConfig:
+    """Compose ``config_name`` with ``overrides``; raise ``RecipeError`` naming the first bad one.
+
+    Returns the composed config (with the ``hydra`` node) for callers that want to look at it.
+    """
+    parser = OverridesParser.create()
+    parsed = []
+    for line in overrides:
+        try:
+            parsed.extend(parser.parse_overrides([line]))
+        except OverrideParseException as exc:
+            reason = _condense(str(exc)).split("; See https://")[0]
+            raise RecipeError(f"cannot parse override {line!r}: {reason}") from None
+    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+        groups = {o.key_or_group: _group_options(o.key_or_group) for o in parsed}
+        group_overrides = [o for o in parsed if groups[o.key_or_group]]
+        for override in group_overrides:
+            _check_group(override, groups[override.key_or_group])
+        base = compose(config_name, overrides=[o.input_line for o in group_overrides])
+        tree = OmegaConf.to_container(base, resolve=False)
+        for override in parsed:
+            if not groups[override.key_or_group]:
+                _check_key(override, tree)
+        return compose(config_name, overrides=overrides, return_hydra_config=True)
