@@ -315,26 +315,36 @@ def _leaf_call(fn: Callable) -> Callable:
     return traced
 
 
+_leaf_locations: dict[tuple[int, int], list[tuple[dict, Callable]]] = {}
+
+
+def _where_leaf_functions_are_imported() -> list[tuple[dict, Callable]]:
+    """(module namespace, function) pairs; cached until modules are loaded or leaves added."""
+    import sys
+
+    key = (len(sys.modules), len(LEAF_FUNCTIONS))
+    if key not in _leaf_locations:
+        _leaf_locations.clear()
+        found = []
+        for module in list(sys.modules.values()):
+            namespace = getattr(module, "__dict__", None)
+            if isinstance(namespace, dict):
+                found.extend((namespace, fn) for fn in LEAF_FUNCTIONS if namespace.get(fn.__name__) is fn)
+        _leaf_locations[key] = found
+    return _leaf_locations[key]
+
+
 @contextlib.contextmanager
 def _leaf_functions_patched():
     """Swap leaf functions for their tracing stand-ins wherever a loaded module imported them."""
-    import sys
-
-    by_id = {id(fn): _leaf_call(fn) for fn in LEAF_FUNCTIONS}
-    patched: list[tuple[dict, str, Any]] = []
-    for module in list(sys.modules.values()):
-        namespace = getattr(module, "__dict__", None)
-        if not isinstance(namespace, dict):
-            continue
-        for name, value in list(namespace.items()):
-            if id(value) in by_id and callable(value):
-                patched.append((namespace, name, value))
-                namespace[name] = by_id[id(value)]
+    locations = _where_leaf_functions_are_imported()
+    for namespace, fn in locations:
+        namespace[fn.__name__] = _leaf_call(fn)
     try:
         yield
     finally:
-        for namespace, name, value in patched:
-            namespace[name] = value
+        for namespace, fn in locations:
+            namespace[fn.__name__] = fn
 
 
 # -- example inputs ---------------------------------------------------------------------------------

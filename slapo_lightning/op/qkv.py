@@ -51,8 +51,9 @@ class FusedQKV(nn.Module):
         has_bias = {name: lin.bias is not None for name, lin in linears.items()}
         if len(set(has_bias.values())) != 1:
             raise OpError(f"FusedQKV needs all three Linears with a bias or all without, got {has_bias}")
-        fused = cls(hidden, n_heads, bias=q.bias is not None, head_layout=head_layout)
-        fused.to(device=q.weight.device, dtype=q.weight.dtype)
+        with torch.device("meta"):  # no random init of weights that are overwritten next
+            fused = cls(hidden, n_heads, bias=q.bias is not None, head_layout=head_layout)
+        fused = fused.to_empty(device=q.weight.device).to(dtype=q.weight.dtype)
         fused.load_split_state([_linear_state(lin) for lin in (q, k, v)])
         fused.fused_linear.weight.requires_grad_(q.weight.requires_grad)
         if fused.fused_linear.bias is not None:
