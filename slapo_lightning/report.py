@@ -1,0 +1,163 @@
+"""What a schedule did to a model: per pass, the modules touched, their class before and after,
+the parameters that appeared or went away, and what each step matched.
+
+A ``Report`` renders as a rich table (``print(report)`` or ``report.render()``) and round-trips
+through JSON (``report.save(path)`` / ``Report.load(path)``), so a run directory keeps a record of
+the schedule its checkpoints were trained under.
+"""
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class StepRecord:
+    """One step at one module: what it did and how many pattern matches (or targets) it found."""
+
+    step: str
+    detail: str = ""
+    matches: int = 0
+
+
+@dataclass
+class ModuleChange:
+    """One module a pass was applied to."""
+
+    path: str
+    class_before: str
+    class_after: str
+    steps: list[StepRecord] = field(default_factory=list)
+    new_modules: dict[str, str] = field(default_factory=dict)
+    params_added: list[str] = field(default_factory=list)
+    params_removed: list[str] = field(default_factory=list)
+    state_keys_added: list[str] = field(default_factory=list)
+    state_keys_removed: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Skipped:
+    """A module (or a whole pass when ``path`` is empty) an optional pass left alone, and why."""
+
+    path: str
+    reason: str
+
+
+@dataclass
+class PassReport:
+    name: str
+    status: str  # "applied", "disabled", "skipped"
+    selector: list[str] | None = None
+    fn: str | None = None
+    changes: list[ModuleChange] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def matches(self) -> int:
+        return sum(s.matches for c in self.changes for s in c.steps)
+
+
+@dataclass
+class Report:
+    """The outcome of ``apply_schedule``; ``fingerprint`` identifies the (normalised) spec."""
+
+    model: str
+    fingerprint: str
+    passes: list[PassReport] = field(default_factory=list)
+    spec: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> PassReport:
+        for p in self.passes:
+            if p.name == name:
+                return p
+        raise KeyError(f"no pass {name!r} in report; passes: {', '.join(p.name for p in self.passes)}")
+
+    @property
+    def applied(self) -> list[str]:
+        return [p.name for p in self.passes if p.status == "applied"]
+
+    # -- JSON -------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_json() + "\n")
+        return path
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Report":
+        passes = []
+        for p in data.get("passes", []):
+            changes = [ModuleChange(**{**c, "steps": [StepRecord(**s) for s in c.get("steps", [])]})
+                       for c in p.get("changes", [])]
+            skipped = [Skipped(**s) for s in p.get("skipped", [])]
+            passes.append(PassReport(**{**p, "changes": changes, "skipped": skipped}))
+        return cls(model=data["model"], fingerprint=data["fingerprint"], passes=passes, spec=data.get("spec", {}))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Report":
+        return cls.from_dict(json.loads(Path(path).expanduser().read_text()))
+
+    # -- rendering --------------------------------------------------------------------------------
+    def rows(self) -> list[tuple[str, str, str, str, str]]:
+        """Table rows; modules a pass changed alike (layer 0, 1, ...) share one row, their paths
+        merged with ``*`` where they differ and the count appended."""
+        rows: list[tuple[str, str, str, str, str]] = []
+        for p in self.passes:
+            if p.status == "disabled" or (p.status == "skipped" and not p.changes and not p.skipped):
+                rows.append((p.name, "", "", p.status, ""))
+                continue
+            groups: dict[tuple, list[str]] = {}
+            for c in p.changes:
+                steps = ", ".join(f"{s.step}{f' {s.detail}' if s.detail else ''} ({s.matches})" for s in c.steps)
+                new = sorted({cls for name, cls in c.new_modules.items() if name != "<self>"})
+                after = c.class_after + (f" + {', '.join(new)}" if new else "")
+                key = (f"{c.class_before} -> {after}", steps, f"+{len(c.params_added)} / -{len(c.params_removed)}")
+                groups.setdefault(key, []).append(c.path)
+            for (classes, steps, params), paths in groups.items():
+                rows.append((p.name, _merged(paths), classes, steps, params))
+            for s in p.skipped:
+                rows.append((p.name, s.path or "(all)", "", f"skipped: {s.reason}", ""))
+        return rows
+
+    def table(self):
+        """A ``rich.table.Table`` of ``rows()``."""
+        from rich.table import Table
+
+        table = Table(title=f"schedule for {self.model} ({self.fingerprint[:12]})")
+        for column in ("pass", "path", "class before -> after", "steps (matches)", "params +/-"):
+            table.add_column(column, overflow="fold")
+        for row in self.rows():
+            table.add_row(*row)
+        return table
+
+    def render(self, width: int = 160) -> str:
+        """The table as plain text."""
+        from rich.console import Console
+
+        console = Console(file=io.StringIO(), width=width, color_system=None, force_terminal=False)
+        console.print(self.table())
+        return console.file.getvalue()
+
+    def __str__(self) -> str:
+        return self.render()
+
+
+def _merged(paths: list[str]) -> str:
+    """``a.0.b`` and ``a.1.b`` -> ``a.*.b (x2)``; paths of different shapes are listed."""
+    if len(paths) == 1:
+        return paths[0] or "<root>"
+    split = [p.split(".") for p in paths]
+    if len({len(parts) for parts in split}) != 1:
+        return ", ".join(paths)
+    merged = [parts[0] if len(set(parts)) == 1 else "*" for parts in zip(*split)]
+    return f"{'.'.join(merged)} (x{len(paths)})"

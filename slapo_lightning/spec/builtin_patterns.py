@@ -1,0 +1,152 @@
+"""The patterns shipped with slapo_lightning: what Hugging Face BERT / GPT-2 (transformers 5.x)
+and the Slapo tutorials write, in the forms the tracer records."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from ..pattern import call_module
+from .patterns import Variant, register_pattern
+
+# -- q, k, v projections -------------------------------------------------------------------------
+
+
+def qkv_linear(x):
+    """The query, key and value projections of one attention (BERT ``query/key/value``, tutorial
+    ``q_proj/k_proj/v_proj``), replaced together: three matches, in q, k, v order."""
+    return call_module(r"query|key|value|q_proj|k_proj|v_proj", x)
+
+
+register_pattern("qkv_linears", qkv_linear, group=True, count=3)
+
+# -- attention core --------------------------------------------------------------------------------
+
+
+def bert_eager_attention(q, k, v, scale):
+    """HF eager attention (BERT family): softmax(q k^T * scale) -> dropout -> @ v."""
+    scores = torch.matmul(q, k.transpose(2, 3)) * scale
+    return torch.matmul(F.dropout(F.softmax(scores, dim=-1)), v)
+
+
+def bert_eager_attention_masked(q, k, v, scale, attention_mask):
+    scores = torch.matmul(q, k.transpose(2, 3)) * scale + attention_mask
+    return torch.matmul(F.dropout(F.softmax(scores, dim=-1)), v)
+
+
+def gpt2_eager_attention(q, k, v, scale):
+    """HF eager attention (GPT-2): as BERT's, with transpose(-1, -2) and a cast to v's dtype."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    return torch.matmul(F.dropout(F.softmax(scores, dim=-1).type(v.dtype)), v)
+
+
+def gpt2_eager_attention_masked(q, k, v, scale, attention_mask):
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale + attention_mask
+    return torch.matmul(F.dropout(F.softmax(scores, dim=-1).type(v.dtype)), v)
+
+
+def tutorial_attention(q, k, v, d):
+    """The Slapo tutorial's ``scaled_dot_product``: softmax(q k^T / sqrt(d)) -> dropout -> @ v."""
+    scores = torch.matmul(q, k.transpose(-2, -1)) / d
+    return torch.matmul(F.dropout(F.softmax(scores, dim=-1)), v)
+
+
+def sdpa_attention(q, k, v, attention_mask, dropout_p, scale, is_causal):
+    """The ``F.scaled_dot_product_attention`` call of HF's sdpa attention path."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout_p, scale=scale,
+                                          is_causal=is_causal)
+
+
+DROPOUT_TARGETS = (F.dropout, torch.dropout)
+
+
+def _produced_by_dropout(node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in DROPOUT_TARGETS
+    if node.op == "call_module":
+        return isinstance(node.graph.owning_module.get_submodule(node.target), torch.nn.Dropout)
+    return False
+
+
+def drop_returned_attention_probabilities(gm: fx.GraphModule):
+    """HF attention modules return ``(output, probabilities)``; the probabilities only serve
+    ``output_attentions=True`` and pin the eager core in place (a fused kernel never forms them).
+    Return None in their place, as HF's own sdpa path does; gives back an undo function."""
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    result = output.args[0]
+    if not isinstance(result, (tuple, list)):
+        return None
+    kept = type(result)(None if isinstance(v, fx.Node) and i > 0 and _produced_by_dropout(v) else v
+                        for i, v in enumerate(result))
+    if list(kept) == list(result):
+        return None
+    output.args = (kept,)
+    gm.recompile()
+
+    def undo() -> None:
+        output.args = (result,)
+        gm.recompile()
+
+    return undo
+
+
+EAGER_VARIANTS = (
+    Variant(bert_eager_attention_masked, {"scale": "mul"}),
+    Variant(bert_eager_attention, {"scale": "mul"}),
+    Variant(gpt2_eager_attention_masked, {"scale": "mul"}),
+    Variant(gpt2_eager_attention, {"scale": "mul"}),
+    Variant(tutorial_attention, {"scale": "div"}),
+)
+SDPA_VARIANTS = (Variant(sdpa_attention, {"scale": "mul"}),)
+
+register_pattern("eager_attention", *EAGER_VARIANTS, prepare=drop_returned_attention_probabilities,
+                 doc="HF eager attention core matmul -> (*scale) -> (+mask) -> softmax -> dropout -> matmul "
+                     "(BERT and GPT-2 forms, and the tutorial's / sqrt(d)).")
+register_pattern("sdpa_attention", *SDPA_VARIANTS)
+register_pattern("attention", *EAGER_VARIANTS, *SDPA_VARIANTS, prepare=drop_returned_attention_probabilities,
+                 doc="The attention core in either form: eager_attention or sdpa_attention "
+                     "(so one spec serves both attn_implementation settings).")
+
+# -- bias + GELU -----------------------------------------------------------------------------------
+
+
+def bias_gelu_erf(x, bias):
+    """gelu(x + bias) after ``decompose`` split a Linear's bias: erf GELU (module or function)."""
+    return F.gelu(x + bias)
+
+
+def bias_gelu_tanh(x, bias):
+    return F.gelu(x + bias, approximate="tanh")
+
+
+def bias_gelu_new(x, bias):
+    """HF ``gelu_new`` written out (NewGELUActivation inlined by a flattened trace)."""
+    h = x + bias
+    return 0.5 * h * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (h + 0.044715 * torch.pow(h, 3.0))))
+
+
+register_pattern(
+    "bias_gelu",
+    Variant(bias_gelu_erf, {"approximate": "from_node"}),
+    Variant(bias_gelu_tanh, {"approximate": "tanh"}),
+    Variant(bias_gelu_new, {"approximate": "tanh"}),
+    doc="gelu(x + bias) in HF's variants: erf (gelu), tanh (gelu_pytorch_tanh) and gelu_new's formula.",
+)
+
+# -- bias + dropout + residual + LayerNorm -----------------------------------------------------------
+
+
+def bias_dropout_add_layer_norm(x, bias, residual):
+    """layer_norm(dropout(x + bias) + residual): the tail of BERT's SelfOutput/Output after
+    ``decompose`` of ``dense`` (LayerNorm and dropout as modules or functions)."""
+    return F.layer_norm(F.dropout(x + bias) + residual, (1,))
+
+
+def bias_dropout_add_layer_norm_residual_first(x, bias, residual):
+    return F.layer_norm(residual + F.dropout(x + bias), (1,))
+
+
+register_pattern("bias_dropout_add_layer_norm", bias_dropout_add_layer_norm,
+                 bias_dropout_add_layer_norm_residual_first)

@@ -1,0 +1,291 @@
+"""Spec steps: each is one primitive call on a selected module, with arguments a YAML file can
+hold (pattern and op names instead of Python objects).
+
+``STEPS`` maps a step name to a ``StepKind`` that checks its arguments before anything runs and
+then performs the call. Primitives without a dedicated kind (extensions registered with
+``register_primitive``) run as ``sch.<name>(**args)``, their arguments checked against the
+primitive's signature.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch.fx as fx
+
+from ..errors import ReplaceError, SpecError, closest
+from ..pattern import Subgraph
+from ..primitives.fuse import COMPILERS
+from ..primitives.registry import PRIMITIVES
+from ..primitives.replace import unique_child_name
+from ..registry import Registry
+from ..report import StepRecord
+from .ops import Built, Match, build_op, resolve_op
+from .patterns import Group, for_each_match, resolve_pattern
+
+
+class NoMatch(Exception):
+    """A step found nothing to act on (a pattern without match, a target path without module)."""
+
+
+@dataclass(frozen=True)
+class Param:
+    default: Any = None
+    required: bool = False
+
+
+@dataclass(frozen=True)
+class StepKind:
+    """A step's arguments (with defaults), a check run before applying, and the action."""
+
+    name: str
+    params: dict[str, Param]
+    run: Callable[[Any, dict[str, Any]], StepRecord]
+    check: Callable[[dict[str, Any]], list[str]] | None = None
+    extra_args: bool = False  # arguments beyond ``params`` go to the op (replace)
+
+    def normalise(self, args: dict[str, Any]) -> dict[str, Any]:
+        full = {k: p.default for k, p in self.params.items() if not p.required}
+        full.update(args)
+        return full
+
+    def problems(self, args: dict[str, Any]) -> list[str]:
+        found = []
+        if not self.extra_args:
+            for key in args:
+                if key not in self.params:
+                    hint = closest(key, self.params)
+                    found.append(f"unknown argument {key!r}" + (f" (did you mean {', '.join(map(repr, hint))}?)" if hint else "")
+                                 + f"; valid: {', '.join(self.params) or '(none)'}")
+        for key, param in self.params.items():
+            if param.required and key not in args:
+                found.append(f"missing argument {key!r}")
+        if not found and self.check is not None:
+            found.extend(self.check(args))
+        return found
+
+
+STEPS: Registry = Registry("step")
+
+
+def register_step(kind: StepKind) -> StepKind:
+    return STEPS.register(kind.name, kind)
+
+
+def step_names() -> list[str]:
+    return sorted(set(STEPS.names()) | set(PRIMITIVES.names()))
+
+
+# -- argument checks shared by steps ---------------------------------------------------------------
+
+def _check_pattern(args: dict[str, Any], required: bool) -> list[str]:
+    ref = args.get("pattern")
+    if ref is None:
+        return ["missing argument 'pattern'"] if required else []
+    try:
+        resolve_pattern(ref)
+    except SpecError as exc:
+        return [str(exc)]
+    return []
+
+
+def _check_compiler(args: dict[str, Any]) -> list[str]:
+    compiler = args.get("compiler", "inductor")
+    if compiler is None or compiler in COMPILERS:
+        return []
+    return [f"unknown compiler {compiler!r}; valid: {', '.join(COMPILERS.names())} or null (no compilation)"]
+
+
+def _check_bool(args: dict[str, Any], *names: str) -> list[str]:
+    return [f"argument {n!r} must be true or false, got {args[n]!r}" for n in names
+            if n in args and not isinstance(args[n], bool)]
+
+
+def _check_name(args: dict[str, Any]) -> list[str]:
+    name = args.get("name")
+    if name is None or (isinstance(name, str) and name.isidentifier()):
+        return []
+    return [f"argument 'name' must be a Python identifier, got {name!r}"]
+
+
+# -- trace -------------------------------------------------------------------------------------------
+
+def _run_trace(sch, args: dict[str, Any]) -> StepRecord:
+    leaves = [_leaf(l) for l in args.get("leaves") or ()]
+    sch.trace(flatten=args["flatten"], leaves=leaves or None)
+    return StepRecord("trace", "flatten" if args["flatten"] else "", 1)
+
+
+def _leaf(ref: str) -> Any:
+    """A leaf is a child name, or ``class:<import path>`` for a module class."""
+    if ref.startswith("class:"):
+        from ..registry import import_object
+
+        return import_object(ref[len("class:"):])
+    return ref
+
+
+def _check_trace(args: dict[str, Any]) -> list[str]:
+    found = _check_bool(args, "flatten")
+    leaves = args.get("leaves")
+    if leaves is not None and (not isinstance(leaves, list) or not all(isinstance(l, str) for l in leaves)):
+        found.append(f"argument 'leaves' must be a list of child names or 'class:<import path>', got {leaves!r}")
+    return found
+
+
+register_step(StepKind("trace", {"flatten": Param(False), "leaves": Param(None)}, _run_trace, _check_trace))
+
+
+# -- decompose ---------------------------------------------------------------------------------------
+
+def _targets(sch, selector: str | list[str]) -> list:
+    selectors = [selector] if isinstance(selector, str) else list(selector)
+    found, seen = [], set()
+    for s in selectors:
+        for child in sch.select(s):
+            if child.path not in seen:
+                seen.add(child.path)
+                found.append(child)
+    return found
+
+
+def _run_decompose(sch, args: dict[str, Any]) -> StepRecord:
+    targets = _targets(sch, args["target"])
+    if not targets:
+        raise NoMatch(f"decompose target {args['target']!r} matches no submodule")
+    for child in targets:
+        child.decompose()
+    return StepRecord("decompose", str(args["target"]), len(targets))
+
+
+def _check_target(args: dict[str, Any]) -> list[str]:
+    target = args.get("target")
+    if isinstance(target, str) or (isinstance(target, list) and target and all(isinstance(t, str) for t in target)):
+        return []
+    return [f"argument 'target' must be a path glob (or a list of them) relative to the selected module, got {target!r}"]
+
+
+register_step(StepKind("decompose", {"target": Param(required=True)}, _run_decompose, _check_target))
+
+
+# -- replace -----------------------------------------------------------------------------------------
+
+REPLACE_KEYS = ("pattern", "op", "name")
+
+
+def _op_args(args: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in args.items() if k not in REPLACE_KEYS}
+
+
+def _bindable(group: Group, built: Built) -> list[Subgraph]:
+    """The group's subgraphs binding only the inputs the op takes (literals went to its factory)."""
+
+    def wanted(name: str, value: Any) -> bool:
+        return name in built.inputs if built.inputs is not None else isinstance(value, fx.Node)
+
+    result = []
+    for sg in group.subgraphs:
+        keep = [(n, v) for n, v in zip(sg.param_names, sg.inputs) if wanted(n, v)]
+        result.append(Subgraph(sg.path, sg.nodes, [v for _, v in keep], sg.outputs, [n for n, _ in keep]))
+    return result
+
+
+def _run_replace(sch, args: dict[str, Any]) -> StepRecord:
+    op, target_args = resolve_op(args["op"])
+    op_args = {**target_args, **_op_args(args)}
+    base = args.get("name")
+    detail = f"{args['pattern']} -> {op.name}" if args.get("pattern") else op.name
+    if args.get("pattern") is None:
+        built = build_op(op, Match(sch), op_args)
+        sch.replace(built.module)
+        return StepRecord("replace", detail, 1)
+    pattern = resolve_pattern(args["pattern"])
+
+    def replace(group: Group) -> None:
+        built = build_op(op, Match(sch, group.subgraphs, dict(group.variant.tags)), op_args)
+        name = unique_child_name(sch.mod, base) if base else None
+        try:
+            sch.replace(built.module, target=_bindable(group, built), name=name, concrete_args=built.concrete_args)
+        except ReplaceError as exc:
+            raise ReplaceError(f"{op.name} for pattern {pattern.name!r} (variant {group.variant.fn.__name__}): {exc}") from exc
+
+    count = for_each_match(sch, pattern, replace)
+    if not count:
+        raise NoMatch(f"pattern {pattern.name!r} matches nothing")
+    return StepRecord("replace", detail, count)
+
+
+def _check_replace(args: dict[str, Any]) -> list[str]:
+    if "op" not in args:
+        return ["missing argument 'op'"]
+    found = _check_pattern(args, required=False) + _check_name(args)
+    try:
+        op, target_args = resolve_op(args["op"])
+    except SpecError as exc:
+        return found + [str(exc)]
+    problem = op.check_args({**target_args, **_op_args(args)})
+    return found + ([problem] if problem else [])
+
+
+register_step(StepKind("replace", {"pattern": Param(None), "op": Param(required=True), "name": Param(None)},
+                       _run_replace, _check_replace, extra_args=True))
+
+
+# -- fuse --------------------------------------------------------------------------------------------
+
+def _run_fuse(sch, args: dict[str, Any]) -> StepRecord:
+    pattern = resolve_pattern(args["pattern"])
+    count = for_each_match(sch, pattern, lambda g: sch.fuse(g.subgraphs, compiler=args["compiler"], name=args["name"]))
+    if not count:
+        raise NoMatch(f"pattern {pattern.name!r} matches nothing")
+    return StepRecord("fuse", f"{pattern.name}, {args['compiler']}", count)
+
+
+register_step(StepKind(
+    "fuse", {"pattern": Param(required=True), "compiler": Param("inductor"), "name": Param("FusedModule")}, _run_fuse,
+    lambda a: _check_pattern(a, required=True) + _check_compiler(a) + _check_name(a)))
+
+
+# -- checkpoint --------------------------------------------------------------------------------------
+
+def _run_checkpoint(sch, args: dict[str, Any]) -> StepRecord:
+    if args.get("pattern") is None:
+        sch.checkpoint()
+        return StepRecord("checkpoint", "", 1)
+    pattern = resolve_pattern(args["pattern"])
+    count = for_each_match(sch, pattern, lambda g: sch.checkpoint(g.subgraphs))
+    if not count:
+        raise NoMatch(f"pattern {pattern.name!r} matches nothing")
+    return StepRecord("checkpoint", pattern.name, count)
+
+
+register_step(StepKind("checkpoint", {"pattern": Param(None)}, _run_checkpoint,
+                       lambda a: _check_pattern(a, required=False)))
+
+
+# -- any other primitive -------------------------------------------------------------------------------
+
+def primitive_step(name: str) -> StepKind:
+    """A step that calls a registered primitive with keyword arguments checked against its signature."""
+    fn = PRIMITIVES.get(name)
+    params = list(inspect.signature(fn).parameters.values())[1:]
+    spec = {p.name: Param(None if p.default is p.empty else p.default, p.default is p.empty)
+            for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+    def run(sch, args: dict[str, Any]) -> StepRecord:
+        getattr(sch, name)(**args)
+        return StepRecord(name, "", 1)
+
+    return StepKind(name, spec, run)
+
+
+def step_kind(name: str) -> StepKind:
+    """The step called ``name``; SpecError listing the valid steps (= primitives) otherwise."""
+    if name in STEPS:
+        return STEPS.get(name)
+    if name in PRIMITIVES:
+        return primitive_step(name)
+    hint = closest(name, step_names())
+    raise SpecError(f"unknown primitive {name!r}" + (f" (did you mean {', '.join(map(repr, hint))}?)" if hint else "")
+                    + f"; valid: {', '.join(step_names())}")
