@@ -1,0 +1,286 @@
+"""``ScheduleCallback``: apply a schedule spec to a LightningModule's model before training.
+
+Where it hooks in (Lightning 2.x ``Trainer._run``): ``setup`` (every rank) -> ``configure_model``
+-> checkpoint restore (weights, then callbacks) -> strategy setup (DDP wrap, optimizers) ->
+optimizer state restore -> training. The schedule is applied in ``setup`` when the target module
+already exists, otherwise right after the module's ``configure_model``; either way before DDP
+wraps the model and before optimizers see its parameters. A checkpoint's schedule fingerprint is
+checked in ``on_load_checkpoint``, before optimizer state is restored.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from pathlib import Path
+from typing import Any, Callable
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import nn
+
+from ..errors import CheckpointMismatchError, ScheduleError, VerificationError
+from ..report import Report
+from ..spec import apply_schedule, load_spec
+from ..spec.bisect import verify_schedule
+
+REPORT_FILE = "schedule_report.json"
+APPLIED = "_slapo_applied_schedules"
+VERIFY_MODES = (False, "first_batch")
+REFUSED_STRATEGIES = {
+    "FSDPStrategy": "FSDP shards parameters, which the schedule's parameter-sharing ops and state-dict hooks do not follow",
+    "ModelParallelStrategy": "tensor parallelism rewrites the modules the schedule has replaced",
+    "DeepSpeedStrategy": "DeepSpeed partitions parameters and owns the optimizer",
+    "XLAFSDPStrategy": "FSDP shards parameters, which the schedule's parameter-sharing ops and state-dict hooks do not follow",
+}
+SUPPORTED_STRATEGIES = (SingleDeviceStrategy, DDPStrategy)
+
+StepFn = Callable[[pl.LightningModule, Any, int], Any]
+
+
+def training_step_outputs(pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> Any:
+    """What verification compares by default: the module's own ``training_step`` (its loss)."""
+    return pl_module.training_step(batch, batch_idx)
+
+
+class ScheduleCallback(Callback):
+    """Apply ``schedule`` (dict, DictConfig, YAML path or ScheduleSpec) to ``pl_module.<target>``.
+
+    Args:
+        schedule: the spec; checked when the callback is built, so a bad spec fails before training.
+        target: dotted path of the module to schedule inside the LightningModule (selectors in the
+            spec are relative to it).
+        verify: ``False`` or ``"first_batch"``: before the first optimizer step, compare outputs and
+            gradients of the scheduled model against an unscheduled copy on the first training batch
+            (dropout off) and stop, naming the first pass that breaks equivalence.
+        example_inputs: inputs of the target module like the real ones (dict of keyword arguments,
+            tuple, or ``fn(pl_module) -> inputs``) for tracing; defaults to
+            ``pl_module.example_input_array`` when set, else the core's default for HF models.
+        report_path: where to save the JSON report; default ``<trainer.log_dir>/schedule_report.json``.
+        rtol, atol: verification tolerances.
+        verify_fn: ``fn(pl_module, batch, batch_idx) -> outputs`` compared by verification;
+            default ``pl_module.training_step`` with logging muted.
+        print_report: render the report table on rank 0.
+    """
+
+    def __init__(self, schedule: Any, target: str = "model", verify: bool | str = False, example_inputs: Any = None,
+                 report_path: str | None = None, rtol: float = 1e-4, atol: float = 1e-5,
+                 verify_fn: StepFn | None = None, print_report: bool = True):
+        if verify not in VERIFY_MODES and verify is not None:
+            raise ScheduleError(f"ScheduleCallback: verify={verify!r} is not supported; valid: false, 'first_batch'")
+        self.spec = load_spec(schedule)
+        self.fingerprint = self.spec.fingerprint()
+        self.target = target
+        self.verify = verify or False
+        self.example_inputs = example_inputs
+        self.report_path = report_path
+        self.rtol, self.atol = rtol, atol
+        self.verify_fn = verify_fn or training_step_outputs
+        self.print_report = print_report
+        self.report: Report | None = None
+        self._original: nn.Module | None = None
+        self._verified = False
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(target=self.target)
+
+    # -- applying ----------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        _check_strategy(trainer)
+        if _find(pl_module, self.target) is not None:
+            self._apply(trainer, pl_module)
+        elif _overrides_configure_model(pl_module):
+            self._apply_after_configure_model(trainer, pl_module)
+        else:
+            children = ", ".join(n for n, _ in pl_module.named_children()) or "(none)"
+            raise ScheduleError(f"ScheduleCallback: {type(pl_module).__name__} has no module {self.target!r} and no "
+                                f"configure_model that could build it; its children: {children}")
+
+    def _apply_after_configure_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        configure = pl_module.configure_model
+        if getattr(configure, "_slapo_callback", None) is self:
+            return
+
+        def configure_model() -> None:
+            configure()
+            if _find(pl_module, self.target) is None:
+                raise ScheduleError(f"ScheduleCallback: configure_model of {type(pl_module).__name__} did not "
+                                    f"build a module {self.target!r}")
+            self._apply(trainer, pl_module)
+
+        configure_model._slapo_callback = self
+        pl_module.configure_model = configure_model
+
+    def _apply(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        model = _find(pl_module, self.target)
+        applied = getattr(model, APPLIED, ())
+        if self.fingerprint in applied:
+            return
+        if self.verify and not self._verified:
+            self._original = copy.deepcopy(model)
+        self.report = apply_schedule(model, self.spec, self._examples(pl_module))
+        setattr(model, APPLIED, (*applied, self.fingerprint))
+        self._publish(trainer)
+
+    def _examples(self, pl_module: pl.LightningModule) -> Any:
+        examples = self.example_inputs
+        if callable(examples):
+            return examples(pl_module)
+        if examples is None:
+            examples = getattr(pl_module, "example_input_array", None)
+        return (examples,) if isinstance(examples, torch.Tensor) else examples
+
+    def _publish(self, trainer: pl.Trainer) -> None:
+        """Save the report (the run directory is known to every rank) and print it on rank 0."""
+        path = Path(self.report_path) if self.report_path else None
+        if path is None:
+            directory = trainer.log_dir or trainer.default_root_dir  # a collective call under DDP
+            path = Path(directory) / REPORT_FILE
+        if not trainer.is_global_zero:
+            return
+        self.report.save(path)
+        if self.print_report:
+            from rich.console import Console
+
+            Console().print(self.report.table())
+
+    # -- verification ------------------------------------------------------------------------------
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if not self.verify or self._verified:
+            return
+        self._verified = True
+        original, self._original = self._original, None
+        if original is None:
+            raise VerificationError(f"ScheduleCallback: no unscheduled copy of {self.target!r} to verify against "
+                                    f"(the model was scheduled before this callback ran)")
+        scheduled = _find(pl_module, self.target)
+        try:
+            original.load_state_dict(scheduled.state_dict(), strict=True)
+        except RuntimeError as exc:
+            raise VerificationError(f"the scheduled model's state_dict does not load into the original model "
+                                    f"(a pass changed checkpoint keys): {exc}") from None
+        parameter = next(scheduled.parameters(), None)
+        if parameter is not None:
+            original.to(parameter.device)
+        wrap = lambda model: _StepRunner(pl_module, self.target, model, self.verify_fn, batch_idx)  # noqa: E731
+        with torch.random.fork_rng(devices=_devices(parameter)):
+            verify_schedule(original, scheduled, self.spec, (batch,), wrap=wrap,
+                            example_inputs=self._examples(pl_module), rtol=self.rtol, atol=self.atol)
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"fingerprint": self.fingerprint, "passes": [p.name for p in self.spec.enabled],
+                "spec": self.spec.normalised()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Nothing to restore: the fingerprint was checked in ``on_load_checkpoint``."""
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        if trainer.state.fn != TrainerFn.FITTING:
+            return  # weights keep the original keys under any schedule; only resuming needs the same one
+        state = (checkpoint.get("callbacks") or {}).get(self.state_key)
+        where = f"checkpoint {trainer.ckpt_path}" if trainer.ckpt_path else "the checkpoint"
+        if state is None:
+            if self.spec.enabled:
+                raise CheckpointMismatchError(
+                    f"{where} was saved without a schedule for {self.target!r}, but this run schedules passes "
+                    f"{', '.join(p.name for p in self.spec.enabled)}; resume with the schedule it was trained "
+                    f"with (or load only its weights, which fit any schedule)")
+            return
+        if state.get("fingerprint") != self.fingerprint:
+            raise CheckpointMismatchError(
+                f"{where} was saved under a different schedule for {self.target!r} "
+                f"({_difference(state.get('spec') or {}, self.spec.normalised())}); its optimizer state belongs "
+                f"to other parameters. Resume with the schedule it was trained with (or load only its weights, "
+                f"which fit any schedule)")
+
+
+# -- helpers -------------------------------------------------------------------------------------------
+
+def _find(pl_module: nn.Module, target: str) -> nn.Module | None:
+    try:
+        module = pl_module.get_submodule(target)
+    except AttributeError:
+        return None
+    return module if module is not pl_module else None
+
+
+def _overrides_configure_model(pl_module: pl.LightningModule) -> bool:
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    return is_overridden("configure_model", pl_module)
+
+
+def _check_strategy(trainer: pl.Trainer) -> None:
+    strategy = trainer.strategy
+    for cls in type(strategy).__mro__:
+        if cls.__name__ in REFUSED_STRATEGIES:
+            raise ScheduleError(f"ScheduleCallback does not support {type(strategy).__name__}: "
+                                f"{REFUSED_STRATEGIES[cls.__name__]}; use a single device or strategy='ddp'")
+    if not isinstance(strategy, SUPPORTED_STRATEGIES):
+        raise ScheduleError(f"ScheduleCallback does not support {type(strategy).__name__}; supported: "
+                            f"{', '.join(c.__name__ for c in SUPPORTED_STRATEGIES)} (and their subclasses)")
+
+
+def _devices(parameter: torch.Tensor | None) -> list:
+    return [parameter.device] if parameter is not None and parameter.device.type == "cuda" else []
+
+
+def _difference(saved: dict[str, Any], current: dict[str, Any]) -> str:
+    old = {p["name"]: p for p in saved.get("passes", [])}
+    new = {p["name"]: p for p in current.get("passes", [])}
+    parts = []
+    for label, names in (("passes only in the checkpoint", [n for n in old if n not in new]),
+                         ("passes only in this run", [n for n in new if n not in old]),
+                         ("passes configured differently", [n for n in new if n in old and old[n] != new[n]])):
+        if names:
+            parts.append(f"{label}: {', '.join(names)}")
+    if not parts and list(old) != list(new):
+        parts.append(f"pass order differs: {', '.join(old)} vs {', '.join(new)}")
+    return "; ".join(parts) or "fingerprints differ"
+
+
+class _StepRunner(nn.Module):
+    """Runs ``verify_fn`` with ``model`` standing in for ``pl_module.<target>``; ``model`` is its only
+    child, so verification matches parameters and gradients by the model's own keys."""
+
+    def __init__(self, pl_module: pl.LightningModule, target: str, model: nn.Module, verify_fn: StepFn,
+                 batch_idx: int):
+        super().__init__()
+        self.model = model
+        self.__dict__["_context"] = (pl_module, target, verify_fn, batch_idx)
+
+    def forward(self, batch: Any) -> Any:
+        pl_module, target, verify_fn, batch_idx = self.__dict__["_context"]
+        with _standing_in(pl_module, target, self.model), _muted_logging(pl_module):
+            return verify_fn(pl_module, batch, batch_idx)
+
+
+@contextlib.contextmanager
+def _standing_in(pl_module: nn.Module, target: str, model: nn.Module):
+    parent_path, _, name = target.rpartition(".")
+    parent = pl_module.get_submodule(parent_path) if parent_path else pl_module
+    current = getattr(parent, name)
+    setattr(parent, name, model)
+    try:
+        yield
+    finally:
+        setattr(parent, name, current)
+
+
+@contextlib.contextmanager
+def _muted_logging(pl_module: pl.LightningModule):
+    """``self.log`` calls of a training step run for verification must not reach the loggers."""
+    mute = lambda *args, **kwargs: None  # noqa: E731
+    pl_module.__dict__["log"] = mute
+    pl_module.__dict__["log_dict"] = mute
+    try:
+        yield
+    finally:
+        pl_module.__dict__.pop("log", None)
+        pl_module.__dict__.pop("log_dict", None)
