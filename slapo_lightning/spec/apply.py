@@ -103,8 +103,11 @@ class _Before:
     def change(self, path: str, module: nn.Module, steps: list[StepRecord]) -> ModuleChange:
         params = {id(t): n for n, t in module.named_parameters()}
         keys = set(module.state_dict(keep_vars=True))
-        new_modules = {n or "<self>": type(m).__name__ for n, m in module.named_modules()
-                       if id(m) not in self.modules and not _is_traced(m)}
+        new_modules: dict[str, str] = {}
+        for name, m in module.named_modules():
+            inside_new = any(name.startswith(f"{outer}.") for outer in new_modules)
+            if id(m) not in self.modules and not _is_traced(m) and not inside_new:
+                new_modules[name or "<self>"] = type(m).__name__
         return ModuleChange(
             path=path, class_before=self.cls, class_after=_class_name(module), steps=steps, new_modules=new_modules,
             params_added=sorted(n for i, n in params.items() if i not in self.params),
