@@ -191,3 +191,18 @@ def test_root_module_cannot_be_replaced():
 
 def test_errors_are_one_family():
     assert issubclass(SpecError, ScheduleError) and issubclass(BackendError, ScheduleError)
+
+
+def test_rollback_restores_graphs_traced_by_an_earlier_schedule():
+    model = fx.bert("eager")
+    reference = copy.deepcopy(model)
+    slapo.apply_schedule(model, spec(fused_qkv=qkv()))
+    traced = model.bert.encoder.layer[0].attention.self
+    code = traced.code
+    data = spec(flash=attention(), broken={"select": "bert.encoder.layer.*.intermediate",
+                                           "steps": [{"fuse": {"pattern": "bias_dropout_add_layer_norm"}}]})
+    with pytest.raises(SpecError, match="pass 'broken' at bert.encoder.layer.0.intermediate step 1 \\(fuse\\)"):
+        slapo.apply_schedule(model, data)
+    assert model.bert.encoder.layer[0].attention.self is traced and traced.code == code
+    assert not hasattr(traced, "FlashAttentionOp_0") and hasattr(traced, "FusedQKV_0")
+    slapo.verify(reference, model, fx.inputs(), rtol=1e-4, atol=1e-5)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -142,7 +143,7 @@ class ScheduleCallback(Callback):
         if not trainer.is_global_zero:
             return
         self.report.save(path)
-        if self.print_report:
+        if self.print_report and self.report.passes:
             from rich.console import Console
 
             Console().print(self.report.table())
@@ -155,8 +156,9 @@ class ScheduleCallback(Callback):
         self._verified = True
         original, self._original = self._original, None
         if original is None:
-            raise VerificationError(f"ScheduleCallback: no unscheduled copy of {self.target!r} to verify against "
-                                    f"(the model was scheduled before this callback ran)")
+            warnings.warn(f"ScheduleCallback: {self.target!r} was already scheduled when this callback started, so "
+                          f"there is no unscheduled copy to verify against; skipping verification", RuntimeWarning)
+            return
         scheduled = _find(pl_module, self.target)
         try:
             original.load_state_dict(scheduled.state_dict(), strict=True)

@@ -130,8 +130,10 @@ def _run_on_module(sch: Schedule, p: PassSpec) -> ModuleChange | Skipped:
     """All steps of ``p`` on one module, or why an optional pass found nothing to do there."""
     before = _Before(sch.mod)
     if p.fn is not None:
+        keys = tensor_keys(sch.mod)
         with _context(p, sch, "fn"):
             _call_fn(sch, p)
+        keep_original_keys(sch.mod, moved_keys(keys, sch.mod))
         return before.change(sch.path, sch.mod, [StepRecord("fn", p.fn, 1)])
     records = []
     for index, step in enumerate(p.steps, start=1):

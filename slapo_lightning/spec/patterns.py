@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import torch.fx as fx
 
@@ -123,8 +123,3 @@ def for_each_match(sch, pattern: PatternSpec, action: Callable[[Group], Any]) ->
         undo()
     return done
 
-
-def describe_patterns() -> Iterator[tuple[str, str]]:
-    """(name, first line of doc) of every registered pattern."""
-    for name, spec in PATTERNS.items():
-        yield name, spec.doc.splitlines()[0] if spec.doc else ""
