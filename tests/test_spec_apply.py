@@ -202,3 +202,18 @@ def test_fuse_step_with_inductor():
     slapo.apply_schedule(model, {"passes": {"gelu": {"select": "bert.encoder.layer.0.intermediate",
                                                      "steps": GELU_STEPS + [fuse]}}})
     slapo.verify(original, model, fx.inputs(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("recipe", ["bert", "gpt2"])
+def test_shipped_specs_toggle_and_configure_from_the_hydra_command_line(recipe):
+    from hydra import compose, initialize_config_module
+
+    overrides = [f"recipe={recipe}", "schedule.passes.flash_attention.backend=sdpa",
+                 "schedule.passes.checkpoint.enabled=true"]
+    passes = OmegaConf.load(fx.MODELS[recipe][1]).passes
+    overrides += [f"schedule.passes.{name}.enabled=false" for name in passes if name not in ("flash_attention", "checkpoint")]
+    with initialize_config_module("slapo_lightning.configs", version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    spec = load_spec(cfg.schedule)
+    assert [p.name for p in spec.enabled] == ["flash_attention", "checkpoint"]
+    assert spec["flash_attention"].steps[-1].args["backend"] == "sdpa"

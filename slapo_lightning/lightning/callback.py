@@ -53,7 +53,7 @@ class ScheduleCallback(Callback):
         schedule: the spec; checked when the callback is built, so a bad spec fails before training.
         target: dotted path of the module to schedule inside the LightningModule (selectors in the
             spec are relative to it).
-        verify: ``False`` or ``"first_batch"``: before the first optimizer step, compare outputs and
+        verify: ``False`` or ``"first_batch"`` (``True`` means the same): before the first optimizer step, compare outputs and
             gradients of the scheduled model against an unscheduled copy on the first training batch
             (dropout off) and stop, naming the first pass that breaks equivalence.
         example_inputs: inputs of the target module like the real ones (dict of keyword arguments,
@@ -69,8 +69,11 @@ class ScheduleCallback(Callback):
     def __init__(self, schedule: Any, target: str = "model", verify: bool | str = False, example_inputs: Any = None,
                  report_path: str | None = None, rtol: float = 1e-4, atol: float = 1e-5,
                  verify_fn: StepFn | None = None, print_report: bool = True):
+        if verify is True:
+            verify = "first_batch"
         if verify not in VERIFY_MODES and verify is not None:
-            raise ScheduleError(f"ScheduleCallback: verify={verify!r} is not supported; valid: false, 'first_batch'")
+            raise ScheduleError(f"ScheduleCallback: verify={verify!r} is not supported; "
+                                f"valid: false, 'first_batch' (or true, the same)")
         self.spec = load_spec(schedule)
         self.fingerprint = self.spec.fingerprint()
         self.target = target

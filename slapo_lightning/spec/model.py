@@ -162,7 +162,7 @@ def parse_spec(data: Any) -> ScheduleSpec:
     if len(problems) == 1:
         raise SpecError(f"invalid schedule spec: {problems[0]}")
     if problems:
-        raise SpecError(f"invalid schedule spec ({len(problems)} problems):\n" + "\n".join(f"  {p}" for p in problems))
+        raise SpecError(f"invalid schedule spec ({len(problems)} problems)\n" + "\n".join(f"  {p}" for p in problems))
     return ScheduleSpec(tuple(passes))
 
 
