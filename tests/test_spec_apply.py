@@ -217,3 +217,12 @@ def test_shipped_specs_toggle_and_configure_from_the_hydra_command_line(recipe):
     spec = load_spec(cfg.schedule)
     assert [p.name for p in spec.enabled] == ["flash_attention", "checkpoint"]
     assert spec["flash_attention"].steps[-1].args["backend"] == "sdpa"
+
+
+def test_fingerprint_fills_in_op_defaults():
+    def attention(**args):
+        return {"passes": {"a": {"select": "x", "steps": [{"replace": {"pattern": "attention", "op": "flash_attention",
+                                                                      **args}}]}}}
+
+    assert load_spec(attention()).fingerprint() == load_spec(attention(backend="auto", causal="auto")).fingerprint()
+    assert load_spec(attention()).fingerprint() != load_spec(attention(backend="sdpa")).fingerprint()

@@ -18,7 +18,7 @@ from ..schedule import Schedule, create_schedule
 from .keys import keep_original_keys, moved_keys, tensor_keys
 from .model import PassSpec, load_spec
 from .snapshot import ModelSnapshot
-from .steps import NoMatch, step_kind
+from .steps import NoMatch, select_all, step_kind
 
 
 def apply_schedule(model: nn.Module, spec: Any, example_inputs: Any = None) -> Report:
@@ -53,15 +53,7 @@ def _sel(p: PassSpec) -> list[str] | None:
 
 
 def _selected(sch: Schedule, p: PassSpec) -> list[Schedule]:
-    if p.select is None:
-        return [sch]
-    found, seen = [], set()
-    for selector in p.select:
-        for s in sch.select(selector):
-            if s.path not in seen:
-                seen.add(s.path)
-                found.append(s)
-    return found
+    return [sch] if p.select is None else select_all(sch, p.select)
 
 
 def _nothing_selected(sch: Schedule, p: PassSpec) -> str:

@@ -44,9 +44,13 @@ class StepKind:
     run: Callable[[Any, dict[str, Any]], StepRecord]
     check: Callable[[dict[str, Any]], list[str]] | None = None
     extra_args: bool = False  # arguments beyond ``params`` go to the op (replace)
+    defaults: Callable[[dict[str, Any]], dict[str, Any]] | None = None  # defaults that depend on args
 
     def normalise(self, args: dict[str, Any]) -> dict[str, Any]:
+        """``args`` with every default filled in, so equal calls compare (and fingerprint) equal."""
         full = {k: p.default for k, p in self.params.items() if not p.required}
+        if self.defaults is not None:
+            full.update(self.defaults(args))
         full.update(args)
         return full
 
@@ -139,11 +143,11 @@ register_step(StepKind("trace", {"flatten": Param(False), "leaves": Param(None)}
 
 # -- decompose ---------------------------------------------------------------------------------------
 
-def _targets(sch, selector: str | list[str]) -> list:
-    selectors = [selector] if isinstance(selector, str) else list(selector)
+def select_all(sch, selectors: str | list[str] | tuple[str, ...]) -> list:
+    """Submodules of ``sch`` matching any of ``selectors``, each once, in selector order."""
     found, seen = [], set()
-    for s in selectors:
-        for child in sch.select(s):
+    for selector in [selectors] if isinstance(selectors, str) else selectors:
+        for child in sch.select(selector):
             if child.path not in seen:
                 seen.add(child.path)
                 found.append(child)
@@ -151,7 +155,7 @@ def _targets(sch, selector: str | list[str]) -> list:
 
 
 def _run_decompose(sch, args: dict[str, Any]) -> StepRecord:
-    targets = _targets(sch, args["target"])
+    targets = select_all(sch, args["target"])
     if not targets:
         raise NoMatch(f"decompose target {args['target']!r} matches no submodule")
     for child in targets:
@@ -228,8 +232,17 @@ def _check_replace(args: dict[str, Any]) -> list[str]:
     return found + ([problem] if problem else [])
 
 
+def _op_defaults(args: dict[str, Any]) -> dict[str, Any]:
+    try:
+        op, _ = resolve_op(args["op"])
+    except (SpecError, KeyError):
+        return {}
+    return {name: p.default for name, p in op.signature.parameters.items()
+            if p.default is not p.empty and p.kind is not p.VAR_KEYWORD}
+
+
 register_step(StepKind("replace", {"pattern": Param(None), "op": Param(required=True), "name": Param(None)},
-                       _run_replace, _check_replace, extra_args=True))
+                       _run_replace, _check_replace, extra_args=True, defaults=_op_defaults))
 
 
 # -- fuse --------------------------------------------------------------------------------------------
