@@ -226,3 +226,17 @@ def test_fingerprint_fills_in_op_defaults():
 
     assert load_spec(attention()).fingerprint() == load_spec(attention(backend="auto", causal="auto")).fingerprint()
     assert load_spec(attention()).fingerprint() != load_spec(attention(backend="sdpa")).fingerprint()
+
+
+def test_verify_schedule_names_the_pass_for_plain_pytorch_users():
+    from slapo_lightning.errors import VerificationError
+    from slapo_lightning.spec import verify_schedule
+
+    register_op_factory("test_doubled_gelu", lambda match: ScaledGELU(2.0), overwrite=True)
+    data = OmegaConf.to_container(OmegaConf.load(fx.BERT_SPEC))
+    data["passes"]["bias_gelu"]["steps"][-1]["replace"]["op"] = "test_doubled_gelu"
+    model = fx.bert()
+    original = copy.deepcopy(model)
+    slapo.apply_schedule(model, data)
+    with pytest.raises(VerificationError, match="schedule pass 'bias_gelu' breaks equivalence"):
+        verify_schedule(original, model, load_spec(data), fx.inputs())
