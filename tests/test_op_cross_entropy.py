@@ -146,3 +146,11 @@ def test_bfloat16_under_cpu_autocast_is_close():
     torch.testing.assert_close(loss.float(), reference(hidden, weight, labels, bias), atol=5e-2, rtol=2e-2)
     loss.backward()
     assert hidden.grad.dtype == torch.float32 and weight.grad.dtype == torch.float32
+
+
+def test_second_backward_is_refused_clearly():
+    hidden, weight, bias, labels = problem()
+    loss = fused_linear_cross_entropy(hidden, weight, labels, bias)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()

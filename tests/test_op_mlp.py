@@ -117,3 +117,15 @@ def test_bad_arguments():
 
 def test_registered_as_fused_mlp():
     assert OPS.get("fused_mlp") is FusedMLP
+
+
+def test_bfloat16_under_cpu_autocast_matches_autocast_reference():
+    block = gpt2_mlp(dropout=0.0)
+    mlp = FusedMLP.from_gpt2(block)
+    x = hidden_states()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = mlp(x), block(x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+    got.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and block.c_fc.weight.grad.dtype == torch.float32

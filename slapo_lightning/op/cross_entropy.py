@@ -3,14 +3,16 @@
 For GPT-2 at 8192 tokens the logits alone are 8192 * 50257 * 4 B = 1.6 GB, and their gradient as
 much again. Here the tokens go through in chunks: each chunk's logits are made, turned into its
 loss and, right away, into its share of the gradients for the hidden states, the weight and the
-bias; then they are dropped. Backward only scales the stored gradients by the incoming gradient,
-which works because the loss is a scalar. Peak extra memory is one chunk of logits.
+bias; then they are dropped. Backward only scales the stored gradients (in place) by the incoming
+gradient, which works because the loss is a scalar. Peak extra memory is one chunk of logits on top
+of the gradients themselves.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from .amp import autocast_inputs, autocast_off
 from .errors import OpError
 from .registry import register_op
 
@@ -36,19 +38,17 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias and bias is not None else None
+        want_grads = need_hidden or need_weight or grad_bias is not None
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
             h, y = hidden[rows], targets[rows]
             logits = (h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())).float()
-            log_norm = torch.logsumexp(logits, dim=-1)
-            target_logits = logits.gather(1, y[:, None]).squeeze(1)
-            loss_sum += torch.where(valid[rows], log_norm - target_logits, 0.0).sum()
-            if not (need_hidden or need_weight or grad_bias is not None):
+            chunk_loss, grad_logits = _loss_and_logit_grads(logits, y, valid[rows], row_scale[rows], want_grads)
+            loss_sum += chunk_loss
+            if grad_logits is None:
                 continue
-            grad_logits = logits.sub_(log_norm[:, None]).exp_()
-            grad_logits.scatter_add_(1, y[:, None], grad_logits.new_full((y.shape[0], 1), -1.0))
-            grad_logits = grad_logits.mul_(row_scale[rows, None]).to(weight.dtype)
+            grad_logits = grad_logits.to(weight.dtype)
             if need_hidden:
                 torch.mm(grad_logits, weight, out=grad_hidden[rows])
             if need_weight:
@@ -64,8 +64,32 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grads = tuple(None if g is None else g * grad_loss.to(g.dtype) for g in ctx.grads)
-        return (*grads, None, None, None, None)
+        if ctx.grads is None:
+            raise RuntimeError(
+                "fused_linear_cross_entropy: backward ran twice; its gradients are scaled in place and "
+                "released by the first backward (retain_graph is not supported for this op)"
+            )
+        grads, ctx.grads = ctx.grads, None
+        scaled = tuple(None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads)
+        return (*scaled, None, None, None, None)
+
+
+def _loss_and_logit_grads(logits, targets, valid, row_scale, want_grads: bool):
+    """Summed loss of one chunk and, if wanted, d(mean loss)/d(logits), computed in place of ``logits``.
+
+    softmax is done by hand (max, exp in place, sum) so that no second chunk-sized buffer is needed.
+    """
+    target_logits = logits.gather(1, targets[:, None]).squeeze(1)
+    row_max = logits.amax(dim=-1, keepdim=True)
+    exps = logits.sub_(row_max).exp_()
+    row_sum = exps.sum(dim=-1)
+    log_norm = row_max.squeeze(1) + row_sum.log()
+    loss = torch.where(valid, log_norm - target_logits, 0.0).sum()
+    if not want_grads:
+        return loss, None
+    grad_logits = exps.mul_((row_scale / row_sum)[:, None])
+    grad_logits.scatter_add_(1, targets[:, None], -row_scale[:, None])
+    return loss, grad_logits
 
 
 def _accumulate_mm(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -107,11 +131,8 @@ def fused_linear_cross_entropy(
     if chunk_size < 1:
         raise OpError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
     device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-    with torch.autocast(device_type, enabled=False):
+    hidden, weight, bias = autocast_inputs(device_type, hidden, weight, bias)
+    with autocast_off(device_type):
         return _ChunkedLinearCrossEntropy.apply(
             hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels.reshape(-1),
             ignore_index, chunk_size, torch.is_grad_enabled(),

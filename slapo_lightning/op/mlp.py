@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .amp import autocast_inputs, autocast_off
 from .errors import OpError
 from .fused import check_gelu_approximate, gelu_approximate_for
 from .registry import register_op
@@ -27,7 +28,6 @@ class _RecomputingMLP(torch.autograd.Function):
     """fc_out(gelu(fc_in(x))) saving only x and the pre-activation."""
 
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x, w_in, b_in, w_out, b_out, approximate: str, conv1d_layout: bool):
         pre = _project(x, w_in, b_in, conv1d_layout)
         out = _project(F.gelu(pre, approximate=approximate), w_out, b_out, conv1d_layout)
@@ -38,7 +38,6 @@ class _RecomputingMLP(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_out):
         x, pre, w_in, w_out = ctx.saved_tensors
         need_x, need_w_in, need_b_in, need_w_out, need_b_out = ctx.needs_input_grad[:5]
@@ -128,11 +127,13 @@ class FusedMLP(nn.Module):
         return cls._wrap(mlp.c_fc, mlp.c_proj, mlp.act, mlp.dropout.p, True, mlp.training)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
-        out = _RecomputingMLP.apply(
-            flat, self.fc_in.weight, self.fc_in.bias, self.fc_out.weight, self.fc_out.bias,
-            self.approximate, self.conv1d_layout,
+        device_type = hidden_states.device.type
+        tensors = autocast_inputs(
+            device_type, hidden_states.reshape(-1, hidden_states.shape[-1]),
+            self.fc_in.weight, self.fc_in.bias, self.fc_out.weight, self.fc_out.bias,
         )
+        with autocast_off(device_type):
+            out = _RecomputingMLP.apply(*tensors, self.approximate, self.conv1d_layout)
         out = out.view(*hidden_states.shape[:-1], out.shape[-1])
         return F.dropout(out, p=self.dropout_p, training=self.training)
 

@@ -16,7 +16,9 @@ class FusedQKV(nn.Module):
 
     ``forward(hidden_states)`` returns the tuple ``(q, k, v)``: each (batch, seq, hidden_size), the
     layout of the Linears it replaces, or (batch, heads, seq, head_dim) when ``head_layout=True``.
-    The three are views of the one GEMM output (no copies); their gradients meet in one buffer.
+    The three are views of the one GEMM output (no copies). In backward their three gradients are
+    concatenated into one (tokens, 3 * hidden_size) buffer for the fused GEMM: a transient that the
+    three separate Linears do not need, traded for one GEMM instead of three each way.
 
     Checkpoint protocol (used by the scheduling core to keep the original ``query``/``key``/
     ``value`` state_dict keys): ``split_state()`` returns ``[{"weight": Wq, "bias": bq}, {...k},
