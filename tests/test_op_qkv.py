@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from slapo_lightning.op import OPS, FusedQKV, OpError
 
@@ -122,3 +123,61 @@ def test_from_linears_keeps_dtype_and_training_mode():
 
 def test_registered_as_fused_qkv():
     assert OPS.get("fused_qkv") is FusedQKV
+
+
+def test_unused_outputs_and_frozen_weights():
+    linears = three_linears()
+    fused = FusedQKV.from_linears(*linears, n_heads=HEADS)
+    fused.fused_linear.bias.requires_grad_(False)
+    x = torch.randn(2, 3, HIDDEN, requires_grad=True)
+    q, _, v = fused(x)
+    (q.sum() + 2 * v.sum()).backward()
+    grad_x_fused, x.grad = x.grad, None
+    (linears[0](x).sum() + 2 * linears[2](x).sum()).backward()
+    assert_close(grad_x_fused, x.grad)
+    w_grads = fused.fused_linear.weight.grad.split(HIDDEN)
+    assert torch.equal(w_grads[1], torch.zeros(HIDDEN, HIDDEN))
+    assert_close(w_grads[0], linears[0].weight.grad)
+    assert_close(w_grads[2], linears[2].weight.grad)
+    assert fused.fused_linear.bias.grad is None
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any aten op produces."""
+
+    largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_backward_builds_no_concatenated_gradient():
+    """Plain linear(...).split(...) concatenates the three gradients into a (tokens, 3 * hidden)
+    buffer in backward; FusedQKV's backward never makes a tensor that large."""
+    fused = FusedQKV(HIDDEN, HEADS)
+    tokens = 64
+    x = torch.randn(tokens, HIDDEN, requires_grad=True)
+    upstream = [torch.randn(tokens, HIDDEN) for _ in range(3)]
+    outs = fused(x)
+    with LargestTensor() as mode:
+        torch.autograd.backward(outs, upstream)
+    assert mode.largest == tokens * HIDDEN
+    plain = fused.fused_linear(x).split(HIDDEN, dim=-1)
+    with LargestTensor() as mode:
+        torch.autograd.backward(plain, upstream)
+    assert mode.largest == tokens * 3 * HIDDEN
+
+
+def test_bfloat16_under_cpu_autocast():
+    linears = three_linears()
+    fused = FusedQKV.from_linears(*linears, n_heads=HEADS)
+    x = torch.randn(2, 3, HIDDEN)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = fused(x), [lin(x) for lin in linears]
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype == torch.bfloat16
+        torch.testing.assert_close(g, w, atol=2e-2, rtol=2e-2)
