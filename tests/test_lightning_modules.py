@@ -6,11 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from transformers import BertForMaskedLM, GPT2LMHeadModel
+from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
 
 from slapo_lightning.lightning import CausalLMModule, LMHeadLoss, MaskedLMModule, export_pretrained
 from slapo_lightning import configs
 from slapo_lightning.lightning.errors import RecipeError
+from slapo_lightning.lightning.hf_models import preset_config
 
 CONFIG_DIR = Path(configs.__file__).parent
 VOCAB = 300
@@ -86,8 +87,10 @@ def test_lm_loss_can_be_swapped_for_the_fused_op():
 
 
 def test_size_presets_and_config_overrides():
-    assert gpt2(size="base").model.config.n_layer == 12
-    assert bert(size="large").model.config.num_hidden_layers == 24
+    gpt2_sizes, bert_sizes = model_settings("gpt2")["sizes"], model_settings("bert")["sizes"]
+    assert set(gpt2_sizes) == {"tiny", "base", "medium"} and set(bert_sizes) == {"tiny", "base", "large"}
+    assert GPT2Config(**preset_config("medium", gpt2_sizes)).n_layer == 24
+    assert BertConfig(**preset_config("base", bert_sizes)).hidden_size == 768
     assert gpt2(config={"n_layer": 1}).model.config.n_layer == 1
     with pytest.raises(RecipeError, match="valid: tiny, base, medium"):
         gpt2(size="huge")

@@ -82,7 +82,8 @@ def test_recipe_runs_with_fast_dev_run(recipe, tmp_path, cache_dir):
 @pytest.mark.slow
 @pytest.mark.ci
 def test_gpt2_trains_checkpoints_resumes_and_exports(tmp_path, cache_dir):
-    """Loss falls; a checkpoint is written; resuming continues from its step; the export loads."""
+    """Loss falls; a checkpoint is written; resuming continues from its step; the export loads in
+    transformers and as ``model.pretrained_path`` (with its own tokenizer)."""
     common = [
         "model.warmup_steps=5", "model.lr=3e-3", "trainer.val_check_interval=20", "trainer.log_every_n_steps=5",
         "trainer.limit_val_batches=4",
@@ -103,7 +104,26 @@ def test_gpt2_trains_checkpoints_resumes_and_exports(tmp_path, cache_dir):
     model = GPT2LMHeadModel.from_pretrained(tmp_path / "export")
     assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 1000)
 
+    finetune = compose_train(
+        *tiny_overrides("gpt2", tmp_path / "finetune", tmp_path / "empty_cache"), "trainer.fast_dev_run=true",
+        f"model.pretrained_path={tmp_path / 'export'}",
+    )
+    assert finetune.data.tokenizer_path == str(tmp_path / "export")
+    assert train(finetune)["global_step"] == 1
+    assert not (tmp_path / "empty_cache" / "tokenizers").exists(), "the export's tokenizer is used, none trained"
+
 
 def read_metric(path: Path, name: str) -> list[tuple[int, float]]:
     with path.open() as handle:
         return [(int(row["step"]), float(row[name])) for row in csv.DictReader(handle) if row.get(name)]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_schedule_pass_can_be_toggled_from_the_command_line(recipe, tmp_path):
+    spec_file = CONFIG_DIR / "schedule" / f"{recipe}.yaml"
+    if not spec_file.is_file():
+        pytest.skip(f"{spec_file.name} is not there yet")
+    passes = compose_train(f"recipe={recipe}", f"run_dir={tmp_path}").schedule.passes
+    for name in passes:
+        toggled = compose_train(f"recipe={recipe}", f"run_dir={tmp_path}", f"schedule.passes.{name}.enabled=false")
+        assert toggled.schedule.passes[name].enabled is False
