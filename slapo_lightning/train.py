@@ -15,12 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import lightning.pytorch as pl
 from hydra._internal.utils import get_args_parser
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from .lightning.cli_errors import CONFIG_NAME, USER_ERRORS, check_overrides, one_line
 from .lightning.errors import RecipeError
+from .lightning.export import export_pretrained
 
 EXIT_USER_ERROR = 2
 
@@ -44,8 +46,6 @@ def instantiate_named(group: DictConfig | None) -> list[Any]:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit the recipe, validate once more, export if asked; returns what went where."""
-    import lightning.pytorch as pl
-
     pl.seed_everything(cfg.seed, workers=True)
     if cfg.ckpt_path and not Path(cfg.ckpt_path).expanduser().is_file():
         raise RecipeError(f"ckpt_path: {cfg.ckpt_path!r} is not a checkpoint file")
@@ -67,8 +67,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     report = Path(trainer.log_dir or cfg.run_dir) / "schedule_report.json"
     result["schedule_report"] = str(report) if report.is_file() else None
     if cfg.export_dir and trainer.is_global_zero:
-        from .lightning.export import export_pretrained
-
         result["export_dir"] = str(export_pretrained(module.model, cfg.export_dir, tokenizer))
     if trainer.is_global_zero:
         print_summary(result)

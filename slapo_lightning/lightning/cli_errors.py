@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from hydra.errors import HydraException, InstantiationException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -24,13 +25,7 @@ CONFIG_NAME = "train"
 _ABSENT = object()
 
 # Errors that mean "the user asked for something that cannot work": reported in one line.
-USER_ERRORS: tuple[type[BaseException], ...] = (ScheduleError, HydraException, OmegaConfBaseException)
-try:
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
-
-    USER_ERRORS += (MisconfigurationException,)
-except ImportError:
-    pass
+USER_ERRORS = (ScheduleError, HydraException, OmegaConfBaseException, MisconfigurationException)
 
 
 def one_line(exc: BaseException) -> str:
