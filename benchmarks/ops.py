@@ -316,7 +316,7 @@ def markdown(rows: list[dict], header: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes, fewer runs (about a minute on 2 cores)")
+    parser.add_argument("--quick", action="store_true", help="small sizes, fewer runs (about 3 minutes on 2 shared cores; the default run takes 6-9)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--only", nargs="+", choices=sorted(CASES), help="run only these ops (prints, saves nothing)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)

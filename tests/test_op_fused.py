@@ -161,6 +161,7 @@ def test_compiler_failure_falls_back_to_eager_with_one_warning(monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.ci
 @pytest.mark.parametrize("training", [False, True])
 def test_compiled_path_matches_eager(training):
     """The code CUDA runs (torch.compile of the same functions), checked here with inductor's CPU backend."""
