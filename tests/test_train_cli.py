@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from slapo_lightning.lightning.cli_errors import check_overrides
 from slapo_lightning.train import EXIT_USER_ERROR, main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,8 +29,10 @@ def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str]:
         (["logger=[csv,wandb]"], "unknown logger 'wandb'; valid: csv, tensorboard"),
         (["schedule=none", "model.layers=4"], "unknown key 'model.layers': model has no 'layers' (valid: _target_, size,"),
         (["schedule=none", "schedule.passes.fused_qkv.enabled=false"], "schedule.passes has no 'fused_qkv' (valid: (none))"),
-        (["schedule=none", "trainer.max_steps=many"], "bad value trainer.max_steps='many': expected an integer"),
-        (["schedule=none", "data.val_fraction=[1]"], "bad value data.val_fraction=[1]: expected a number"),
+        (["schedule=none", "trainer.max_steps=many"], "bad value trainer.max_steps='many': Trainer takes an integer"),
+        (["schedule=none", "data.val_fraction=[1]"], "bad value data.val_fraction=[1]: TextDataModule takes a number"),
+        (["schedule=none", "trainer.precision=bf16mixed"], "bad value trainer.precision='bf16mixed': Trainer takes one of"),
+        (["schedule=none", "model.size=7"], "bad value model.size=7: CausalLMModule takes a string"),
         (["trainer.max_steps=[1"], "cannot parse override 'trainer.max_steps=[1': no viable alternative"),
     ],
 )
@@ -56,6 +59,15 @@ def test_bad_values_found_while_running_are_one_line_errors(monkeypatch, capsys,
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last, err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["trainer.devices=auto", "trainer.val_check_interval=0.5", "callbacks.schedule.verify=first_batch",
+     "model.lr=1", "data.paths=[a.txt]", "trainer.max_steps=${seed}"],
+)
+def test_values_of_any_accepted_type_pass(override):
+    check_overrides(["schedule=none", override])
 
 
 def test_console_module_reports_without_traceback(tmp_path):

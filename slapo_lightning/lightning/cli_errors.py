@@ -2,10 +2,14 @@
 
 Hydra reports a bad override with several lines (and a traceback for errors raised while the job
 runs). ``check_overrides`` composes the config first and names, in one line, the unknown group
-option, the unknown key or the value of the wrong type, with what would have been valid.
+option, the unknown key or the constructor argument of the wrong type, with what would have been
+valid.
 """
 from __future__ import annotations
 
+import collections.abc
+import types
+import typing
 from typing import Any
 
 from hydra import compose, initialize_config_module
@@ -13,6 +17,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from hydra.utils import get_object
 from hydra.errors import HydraException, InstantiationException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -114,23 +119,68 @@ def _check_key(override: Override, tree: dict) -> None:
                 )
     if override.is_delete() or override.is_sweep_override():
         return
-    _check_type(key, current, override.value())
+    _check_type(tree, parts, override.value())
 
 
-def _check_type(key: str, current: Any, new: Any) -> None:
-    if current is None or new is None or isinstance(current, (dict, list, str)):
+def _check_type(tree: dict, parts: list[str], new: Any) -> None:
+    """A value for a constructor argument (the key's parent has a ``_target_``) must fit the
+    argument's annotation; keys that are not constructor arguments are left to the code using them."""
+    parent = _lookup(tree, parts[:-1])
+    target = parent.get("_target_") if isinstance(parent, dict) else None
+    if not isinstance(target, str) or (isinstance(new, str) and "${" in new):
         return
-    expected: tuple[type, ...]
-    if isinstance(current, bool):
-        expected, name = (bool,), "true or false"
-    elif isinstance(current, int):
-        expected, name = (int,), "an integer"
-    elif isinstance(current, float):
-        expected, name = (int, float), "a number"
-    else:
+    try:
+        hints = typing.get_type_hints(_callable_of(get_object(target)))
+    except Exception:  # an unimportable target or unresolvable hints: instantiation will tell
         return
-    if not isinstance(new, expected) or (isinstance(new, bool) and bool not in expected):
-        raise RecipeError(f"bad value {key}={new!r}: expected {name}")
+    annotation = hints.get(parts[-1])
+    if annotation is not None and not _fits(new, annotation):
+        raise RecipeError(
+            f"bad value {'.'.join(parts)}={new!r}: {target.rsplit('.', 1)[-1]} takes {_describe(annotation)}"
+        )
+
+
+def _callable_of(target: Any) -> Any:
+    return target.__init__ if isinstance(target, type) else target
+
+
+def _fits(value: Any, annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in typing.get_args(annotation))
+    if origin is typing.Literal:
+        return value in typing.get_args(annotation)
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    if origin in (list, tuple, collections.abc.Sequence) or annotation in (list, tuple):
+        return isinstance(value, list)
+    if origin in (dict, collections.abc.Mapping) or annotation is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def _describe(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(dict.fromkeys(_describe(arg) for arg in typing.get_args(annotation)))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(annotation)))
+    names = {type(None): "null", bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    if annotation in names:
+        return names[annotation]
+    if origin in (list, tuple, collections.abc.Sequence):
+        return "a list"
+    if origin in (dict, collections.abc.Mapping):
+        return "a mapping"
+    return getattr(annotation, "__name__", str(annotation))
 
 
 def check_overrides(overrides: list[str], config_name: str = CONFIG_NAME) -> DictConfig:
