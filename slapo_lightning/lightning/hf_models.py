@@ -40,7 +40,7 @@ def build_hf_model(
                 f"model.pretrained_path: the model's vocabulary ({model.config.vocab_size}) is smaller than the "
                 f"tokenizer's ({vocab_size}); use the tokenizer saved with it (data.tokenizer_path={pretrained_path})"
             )
-        return model
+        return model.train()  # from_pretrained returns eval mode, and Lightning keeps modules' modes
     fields = preset_config(size, sizes)
     fields.update(config or {})
     fields.update(token_ids or {})
