@@ -132,7 +132,9 @@ def test_export_loads_with_plain_transformers_and_as_pretrained_path(tmp_path, b
     loaded = plain.from_pretrained(tmp_path).eval()
     inputs = {k: v for k, v in batch().items() if k != "labels"}
     torch.testing.assert_close(loaded(**inputs).logits, module.model(**inputs).logits)
-    reloaded = build(pretrained_path=str(tmp_path)).eval()
+    reloaded = build(pretrained_path=str(tmp_path))
+    assert reloaded.model.training, "a pretrained model trains with dropout on"
+    reloaded.eval()
     torch.testing.assert_close(reloaded.loss(batch())[0], module.loss(batch())[0])
 
 
