@@ -79,6 +79,16 @@ def test_recipe_runs_with_fast_dev_run(recipe, tmp_path, cache_dir):
     assert result["global_step"] == 1
 
 
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_small_corpus_with_fewer_tokens_than_asked_logs_and_trains(recipe, tmp_path):
+    """The tokenizer comes out smaller than data.vocab_size; hyper-parameters still log (csv)."""
+    overrides = [o for o in tiny_overrides(recipe, tmp_path, tmp_path / "cache") if not o.startswith("data.max_chars")]
+    cfg = compose_train(*overrides, "data.max_chars=20000", "data.vocab_size=30000", "trainer.max_steps=1",
+                        "trainer.limit_val_batches=1", "validate_after_fit=false")
+    result = train(cfg)
+    assert result["global_step"] == 1
+
+
 @pytest.mark.slow
 @pytest.mark.ci
 def test_gpt2_trains_checkpoints_resumes_and_exports(tmp_path, cache_dir):

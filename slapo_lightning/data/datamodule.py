@@ -46,7 +46,10 @@ class TextDataModule(pl.LightningDataModule):
         super().__init__()
         if objective not in OBJECTIVES:
             raise RecipeError(f"data.objective={objective!r} is unknown; valid: {', '.join(OBJECTIVES)}")
-        self.save_hyperparameters()
+        # The requested vocabulary is a target (a small corpus yields fewer tokens); the model
+        # logs the real size, and Lightning refuses two different values under one key.
+        self.save_hyperparameters(ignore=["vocab_size"])
+        self.requested_vocab_size = vocab_size
         self.objective = objective
         self.seq_len = seq_len
         self.batch_size = batch_size
@@ -71,7 +74,7 @@ class TextDataModule(pl.LightningDataModule):
             return load_tokenizer(hp.tokenizer_path)
         train_docs, _ = self.documents
         tokenizer, self.tokenizer_dir, _ = train_or_load_tokenizer(
-            hp.tokenizer_kind, hp.vocab_size, [d.text for d in train_docs], corpus_fingerprint(train_docs), hp.cache_dir
+            hp.tokenizer_kind, self.requested_vocab_size, [d.text for d in train_docs], corpus_fingerprint(train_docs), hp.cache_dir
         )
         return tokenizer
 
