@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from slapo_lightning.op import OPS, FusedLinearCrossEntropy, OpError, fused_linear_cross_entropy
 from slapo_lightning.op.cross_entropy import default_chunk_size
+from tensor_probe import LargestTensor
 
 TOL = dict(atol=1e-6, rtol=1e-5)
 HIDDEN, VOCAB = 12, 37
@@ -99,19 +99,6 @@ def test_module_form_and_registration():
     module = FusedLinearCrossEntropy(chunk_size=5)
     torch.testing.assert_close(module(hidden, weight, labels, bias), reference(hidden, weight, labels, bias), **TOL)
     assert OPS.get("fused_linear_cross_entropy") is FusedLinearCrossEntropy
-
-
-class LargestTensor(TorchDispatchMode):
-    """Records the largest tensor any aten op produces (forward and backward)."""
-
-    largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
 
 
 def largest_tensor(loss_fn, *args):

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from slapo_lightning.op import OPS, FusedQKV, OpError
+from tensor_probe import LargestTensor
 
 HIDDEN, HEADS = 16, 4
 
@@ -140,19 +140,6 @@ def test_unused_outputs_and_frozen_weights():
     assert_close(w_grads[0], linears[0].weight.grad)
     assert_close(w_grads[2], linears[2].weight.grad)
     assert fused.fused_linear.bias.grad is None
-
-
-class LargestTensor(TorchDispatchMode):
-    """Records the largest tensor any aten op produces."""
-
-    largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
 
 
 def test_backward_builds_no_concatenated_gradient():
