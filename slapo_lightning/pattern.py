@@ -24,8 +24,14 @@ from .errors import PatternError
 
 
 def call_module(regex: str, *args: Any, **kwargs: Any) -> Any:
-    """In a pattern: a call of any submodule whose path matches ``regex``."""
-    raise PatternError("call_module() only has a meaning inside a pattern passed to find()")
+    """In a pattern: a call of any submodule whose path matches ``regex``.
+
+    Records itself when traced (whatever name or closure the pattern reaches it by).
+    """
+    proxy = next((a for a in (*args, *kwargs.values()) if isinstance(a, fx.Proxy)), None)
+    if proxy is None:
+        raise PatternError("call_module() only has a meaning inside a pattern passed to find()")
+    return proxy.tracer.create_proxy("call_function", call_module, (regex, *args), kwargs)
 
 
 FUNCTION_ALIASES: dict[Any, Any] = {
@@ -112,7 +118,7 @@ class Subgraph(list):
 def trace_pattern(fn: Callable) -> fx.Graph:
     """Trace a pattern function (math functions kept as calls, like in the model's trace)."""
     try:
-        tracer = fx.Tracer(autowrap_modules=(math,), autowrap_functions=(call_module,))
+        tracer = fx.Tracer(autowrap_modules=(math,))
         graph = tracer.trace(fn)
     except Exception as exc:
         raise PatternError(f"cannot trace pattern {getattr(fn, '__name__', fn)!r}: {exc}") from None

@@ -110,7 +110,7 @@ class ConcreteAttribute(ConcreteProxy, Attribute):
     """``proxy.attr``: created lazily by fx, concrete-aware like every other proxy."""
 
 
-def _train_only(p: float, training: bool) -> float:
+def train_only_probability(p: float, training: bool) -> float:
     """A dropout probability that is zero outside training."""
     return p if training else 0.0
 
@@ -455,7 +455,10 @@ TRAIN_ONLY_ARGUMENTS: dict[Callable, tuple[str, int, str]] = {
     F.dropout: ("training", 2, "flag"),
     F.dropout1d: ("training", 2, "flag"),
     F.dropout2d: ("training", 2, "flag"),
+    F.dropout3d: ("training", 2, "flag"),
     F.alpha_dropout: ("training", 2, "flag"),
+    F.feature_alpha_dropout: ("training", 2, "flag"),
+    torch.dropout: ("train", 2, "flag"),
     F.scaled_dot_product_attention: ("dropout_p", 4, "probability"),
 }
 """Functions with an argument that must follow the module's train/eval state: (name, position, kind)."""
@@ -481,6 +484,9 @@ def make_dropout_follow_training(gm: fx.GraphModule) -> None:
                 warnings.simplefilter("ignore")
                 training = graph.get_attr("training")
         if kind == "flag":
+            traced_flag = node.args[position] if len(node.args) > position else node.kwargs.get(name, True)
+            if traced_flag is not True:  # dropout the code turned off stays off
+                continue
             if len(node.args) > position:
                 node.update_arg(position, training)
             else:
@@ -490,13 +496,12 @@ def make_dropout_follow_training(gm: fx.GraphModule) -> None:
             if not isinstance(p, (fx.Node, float, int)) or p == 0:
                 continue
             with graph.inserting_before(node):
-                gated = graph.call_function(_train_only, (p, training))
+                gated = graph.call_function(train_only_probability, (p, training))
             if len(node.args) > position:
                 node.update_arg(position, gated)
             else:
                 node.update_kwarg(name, gated)
     gm.recompile()
-
 
 
 # -- entry point ------------------------------------------------------------------------------------
@@ -614,13 +619,19 @@ def _adopt_state(module: nn.Module, gm: fx.GraphModule) -> None:
 
     GraphModule's constructor rebuilds only what the graph references, as generic modules; a
     schedule must keep every state_dict key, non-persistent buffers and the original classes.
+    Plain tensor attributes the graph reads become non-persistent buffers (no new keys).
     """
+    traced_constants = {name: buf for name, buf in gm._buffers.items()
+                        if name not in module._buffers and "." not in name and buf is not None}
     gm._modules = type(module._modules)(module._modules)
     gm._parameters = type(module._parameters)(module._parameters)
     gm._buffers = type(module._buffers)(module._buffers)
     gm._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
-    for hooks in ("_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
-                  "_load_state_dict_post_hooks"):
-        getattr(gm, hooks).update(getattr(module, hooks))
+    for name, value in traced_constants.items():
+        gm.register_buffer(name, value, persistent=False)
+    for hook in module._state_dict_hooks.values():
+        gm.register_state_dict_post_hook(hook)
+    for hook in module._load_state_dict_pre_hooks.values():
+        gm.register_load_state_dict_pre_hook(getattr(hook, "hook", hook))  # unwrap: it points at the old module
     if hasattr(module, "config"):
         gm.config = module.config

@@ -174,3 +174,16 @@ def test_verify_names_the_worst_tensor():
         broken.norm.bias.add_(1.0)
     with pytest.raises(slapo.VerificationError, match=r"output: max abs error"):
         slapo.verify(model, broken, inputs())
+
+
+def test_replacement_follows_the_mode_of_an_eval_model():
+    model = Attention().eval()
+    original = copy.deepcopy(model)
+    sch = slapo.create_schedule(model)
+
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
+
+    new = sch.replace(Scaled(), sch.find(sdpa), concrete_args={"p": 0.5})
+    assert not new.training
+    assert torch.equal(model(*inputs()), original(*inputs()))

@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 import slapo_lightning as slapo
@@ -123,3 +124,38 @@ def test_example_inputs_resolve_python_control_flow():
     sch.trace()
     assert isinstance(sch["inner"].mod, fx.GraphModule)
     assert torch.equal(model(x), x * 2 + 1)
+
+
+class FixedDropout(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.tensor(2.0)  # a plain tensor attribute, not a buffer
+
+    def forward(self, x):
+        return F.dropout(x, 0.5, training=False) * self.scale
+
+
+def test_dropout_the_code_turned_off_stays_off_and_tensor_attributes_survive():
+    model = FixedDropout()
+    sch = slapo.create_schedule(model)
+    sch.trace()
+    x = torch.ones(64)
+    sch.mod.train()
+    assert torch.equal(sch.mod(x), x * 2)
+    assert list(sch.mod.state_dict()) == []
+
+
+def test_retraced_module_keeps_original_keys_for_loading():
+    from slapo_lightning.op import FusedQKV
+    from slapo_lightning.pattern import call_module
+
+    model = tiny_models.bert()
+    sch = slapo.create_schedule(model, example_inputs=tiny_models.batch(padded=True))
+    attention = sch["bert.encoder.layer.0.attention.self"]
+    found = attention.find(lambda x: call_module("query|key|value", x))
+    mod = attention.mod
+    attention.replace(FusedQKV.from_linears(mod.query, mod.key, mod.value, n_heads=tiny_models.HEADS), found)
+    sch["bert.encoder.layer.0.attention"].trace(flatten=True)
+    plain = tiny_models.bert(seed=1)
+    model.load_state_dict(plain.state_dict(), strict=True)
+    slapo.verify(plain, model, tiny_models.batch(padded=True), rtol=1e-4, atol=1e-5)

@@ -111,6 +111,7 @@ def replace(sch, new: nn.Module, target: Any = None, name: str | None = None,
     """Replace the module (``target=None``), a subgraph, or subgraphs sharing inputs by ``new``."""
     if not isinstance(new, nn.Module):
         raise ReplaceError(f"replace expects an nn.Module, got {type(new).__name__}")
+    new.train(sch.mod.training)  # a fresh op would otherwise run dropout inside an eval-mode model
     if target is None:
         sch.replace_module(new)
         return new

@@ -13,7 +13,7 @@ from ..op import (FlashAttentionOp, FusedBiasDropoutAddLayerNorm, FusedBiasGELU,
                   FusedQKV, LinearWithSeparateBias)
 from ..op.errors import OpError
 from ..op.fused import gelu_approximate_for
-from ..tracer import _train_only
+from ..tracer import train_only_probability
 from .builtin_patterns import DROPOUT_TARGETS
 from .ops import Built, Match, register_op_factory
 
@@ -39,7 +39,7 @@ def _dropout_probability(match: Match) -> float:
             if isinstance(p, numbers.Number):
                 return float(p)
     p = match.values.get("dropout_p", 0.0)
-    if isinstance(p, fx.Node) and p.target is _train_only:
+    if isinstance(p, fx.Node) and p.target is train_only_probability:
         p = p.args[0]
     if not isinstance(p, numbers.Number):
         raise OpError(f"cannot read the dropout probability of the match (found {p!r})")
