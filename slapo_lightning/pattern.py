@@ -209,7 +209,13 @@ def find_subgraphs(gm: fx.GraphModule, path: str, pattern_fn: Callable) -> list[
     matcher = DataflowMatcher(pattern, gm)
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
     found = []
-    for m in matcher.match(gm.graph):
+    try:
+        matches = matcher.match(gm.graph)
+    except KeyError as exc:
+        raise PatternError(f"pattern {getattr(pattern_fn, '__name__', pattern_fn)!r}: parameter {exc} is held "
+                           f"inside a module call in the graph (e.g. a Linear's weight), so it cannot be bound; "
+                           f"drop it from the pattern") from None
+    for m in matches:
         nodes = sorted((gn for pn, gn in m.nodes_map.items() if pn.op not in ("placeholder", "output")),
                        key=order.__getitem__)
         found.append(Subgraph(path, nodes, list(m.placeholder_nodes), list(m.returning_nodes), param_names))

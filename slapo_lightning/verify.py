@@ -69,9 +69,9 @@ def _error(a: torch.Tensor, b: torch.Tensor, rtol: float, atol: float) -> tuple[
     if a.shape != b.shape:
         return False, float("inf")
     a, b = a.double(), b.double()
-    diff = (a - b).abs()
-    ok = bool((diff <= atol + rtol * b.abs()).all()) and torch.equal(a.isnan(), b.isnan())
-    return ok, float(diff.nan_to_num(0).max()) if diff.numel() else 0.0
+    ok = bool(torch.isclose(b, a, rtol=rtol, atol=atol, equal_nan=True).all())
+    diff = (a - b).abs().nan_to_num(0.0, posinf=0.0)
+    return ok, float(diff.max()) if diff.numel() else 0.0
 
 
 def verify(original: nn.Module, scheduled: nn.Module, example_inputs: Any, grads: bool = True,
@@ -83,12 +83,13 @@ def verify(original: nn.Module, scheduled: nn.Module, example_inputs: Any, grads
     """
     modes = [(m, m.training) for m in (original, scheduled)]
     try:
-        original.eval()
-        scheduled.eval()
-        out_a = _run(original, example_inputs, seed, grads)
-        grads_a = _grads_by_key(original) if grads else {}
-        out_b = _run(scheduled, example_inputs, seed, grads)
-        grads_b = _grads_by_key(scheduled) if grads else {}
+        with torch.random.fork_rng(devices=[]):  # the caller's RNG stream is not reset
+            original.eval()
+            scheduled.eval()
+            out_a = _run(original, example_inputs, seed, grads)
+            grads_a = _grads_by_key(original) if grads else {}
+            out_b = _run(scheduled, example_inputs, seed, grads)
+            grads_b = _grads_by_key(scheduled) if grads else {}
     finally:
         for m, mode in modes:
             m.train(mode)

@@ -11,6 +11,7 @@ from torch import nn
 import slapo_lightning as slapo
 from slapo_lightning.op import FusedQKV, LinearWithSeparateBias
 from slapo_lightning.pattern import call_module
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 
 
 class Attention(nn.Module):
@@ -153,6 +154,9 @@ def test_checkpoint_module_and_subgraph_keep_outputs_grads_and_keys():
     sch.checkpoint(sch.find(lambda x: F.scaled_dot_product_attention(x, x, x)) or
                    sch.find(lambda q, k, v: F.scaled_dot_product_attention(q, k, v)))
     assert list(sch.mod.state_dict()) == keys
+    called = {n.target for n in sch.mod.graph.nodes if n.op == "call_module"}
+    assert "dense" in called and "Checkpoint_0" in called  # the flatten trace kept the wrapped region
+    assert isinstance(sch.mod.dense, CheckpointWrapper) and isinstance(sch.mod.Checkpoint_0, CheckpointWrapper)
     slapo.verify(original, sch.mod, inputs(), rtol=1e-5, atol=1e-6)
 
 
@@ -187,3 +191,18 @@ def test_replacement_follows_the_mode_of_an_eval_model():
     new = sch.replace(Scaled(), sch.find(sdpa), concrete_args={"p": 0.5})
     assert not new.training
     assert torch.equal(model(*inputs()), original(*inputs()))
+
+
+def test_verify_accepts_equal_nan_and_inf_and_leaves_the_callers_rng_alone():
+    x = torch.tensor([1.0, float("nan"), float("inf")])
+    torch.manual_seed(123)
+    expected = torch.rand(1)
+    torch.manual_seed(123)
+    slapo.verify(nn.Identity(), nn.Identity(), (x,), grads=False)
+    assert torch.equal(torch.rand(1), expected)
+
+
+def test_a_pattern_parameter_held_inside_a_module_call_is_a_pattern_error():
+    sch = slapo.create_schedule(Attention())
+    with pytest.raises(slapo.PatternError, match="held inside a module call"):
+        sch.find(lambda x, w, b: F.linear(x, w, b))

@@ -7,19 +7,26 @@ from typing import Any, Iterable
 import torch.fx as fx
 from torch import nn
 
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+from ..op.registry import OPS
 from ..tracer import trace_module
 from .registry import register_primitive
 
 
 def is_op_leaf(module: nn.Module) -> bool:
-    """Modules that stay opaque even under ``flatten=True``: torch.nn built-ins and the op
-    library (except ops that exist to be inlined, such as LinearWithSeparateBias)."""
+    """Modules that stay opaque even under ``flatten=True``: torch.nn built-ins, checkpointed
+    regions, and registered ops (except ops that exist to be inlined, like LinearWithSeparateBias)."""
     cls = type(module)
-    if cls.__module__.startswith("slapo_lightning.op"):
+    if isinstance(module, CheckpointWrapper) or cls in _registered_op_classes():
         return not getattr(cls, "inline_when_flattened", False)
     return (cls.__module__.startswith("torch.nn") or cls.__module__.startswith("torch.ao.nn")) and not isinstance(
         module, nn.Sequential
     )
+
+
+def _registered_op_classes() -> set[type]:
+    return {op for _, op in OPS.items() if isinstance(op, type)}
 
 
 def disable_kv_cache(root: nn.Module) -> None:
