@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import inspect
 import math
 import operator
@@ -110,6 +111,22 @@ class ConcreteAttribute(ConcreteProxy, Attribute):
     """``proxy.attr``: created lazily by fx, concrete-aware like every other proxy."""
 
 
+def records_itself_when_traced(fn: Callable) -> Callable:
+    """Functions the tracer inserts into graphs: tracing a traced module again records them as
+    calls instead of running them on proxies."""
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        found: list[fx.Proxy] = []
+        fx.node.map_aggregate((args, kwargs), lambda v: found.append(v) if isinstance(v, fx.Proxy) else None)
+        if found:
+            return found[0].tracer.create_proxy("call_function", call, args, kwargs)
+        return fn(*args, **kwargs)
+
+    return call
+
+
+@records_itself_when_traced
 def train_only_probability(p: float, training: bool) -> float:
     """A dropout probability that is zero outside training."""
     return p if training else 0.0
@@ -406,16 +423,19 @@ def bind_examples(module: nn.Module, example_inputs: Any) -> tuple[dict[str, Any
 
 
 # -- guards and train/eval correctness -------------------------------------------------------------
+@records_itself_when_traced
 def _assert_not_none(value: Any, message: str) -> None:
     if value is None:
         raise TraceError(message)
 
 
+@records_itself_when_traced
 def _assert_none_result(value: Any, message: str) -> None:
     if value is not None:
         raise TraceError(message)
 
 
+@records_itself_when_traced
 def _assert_no_new_kwargs(kwargs: dict, seen: tuple, message: str) -> None:
     unexpected = [k for k, v in kwargs.items() if k not in seen and v is not None]
     if unexpected:
@@ -493,7 +513,8 @@ def make_dropout_follow_training(gm: fx.GraphModule) -> None:
                 node.update_kwarg(name, training)
         else:
             p = node.args[position] if len(node.args) > position else node.kwargs.get(name, 0.0)
-            if not isinstance(p, (fx.Node, float, int)) or p == 0:
+            already_gated = isinstance(p, fx.Node) and p.target is train_only_probability
+            if not isinstance(p, (fx.Node, float, int)) or p == 0 or already_gated:
                 continue
             with graph.inserting_before(node):
                 gated = graph.call_function(train_only_probability, (p, training))

@@ -159,3 +159,20 @@ def test_retraced_module_keeps_original_keys_for_loading():
     plain = tiny_models.bert(seed=1)
     model.load_state_dict(plain.state_dict(), strict=True)
     slapo.verify(plain, model, tiny_models.batch(padded=True), rtol=1e-4, atol=1e-5)
+
+
+def test_a_traced_hf_module_can_be_traced_again_flattened():
+    model = tiny_models.bert()
+    original = copy.deepcopy(model)
+    inputs = tiny_models.batch(padded=True)
+    sch = slapo.create_schedule(model, example_inputs=inputs)
+    attention = sch["bert.encoder.layer.0.attention"]
+    attention.trace()
+    attention.trace(flatten=True)
+    assert attention.mod._slapo_flatten
+    slapo.verify(original, model, inputs, rtol=1e-4, atol=1e-5)
+    model.train(), original.train()
+    torch.manual_seed(0)
+    a = original(**inputs).logits
+    torch.manual_seed(0)
+    assert torch.equal(a, model(**inputs).logits)
