@@ -1,13 +1,19 @@
-"""Keep the original state_dict keys when an op merges several modules' weights.
+"""Keep the original state_dict keys when a schedule swaps modules, so checkpoints move both
+ways between scheduled and plain models with ``strict=True``.
 
-An op that fuses modules (FusedQKV from query/key/value Linears) exposes
+Two cases. An op that *merges* tensors (FusedQKV from query/key/value Linears) exposes
 ``split_state() -> list[dict]`` (each original module's tensors, in its own layout) and
-``load_split_state(list[dict])``. The hooks below, registered on the parent, present and accept
-the original ``<name>.<param>`` keys, so checkpoints move both ways between scheduled and plain
-models with ``strict=True``.
+``load_split_state(list[dict])``; hooks on the parent present and accept the original
+``<name>.<param>`` keys. An op that *takes over* existing Parameters under new names
+(``FusedBiasDropoutAddLayerNorm.from_layer_norm`` holds ``LayerNorm.weight`` as ``weight``,
+``FusedMLP.from_gpt2`` holds ``c_fc`` as ``fc_in``) is found by tensor identity before and after
+the change, and hooks rename the keys back.
 """
 from __future__ import annotations
 
+from collections import defaultdict
+
+import torch
 from torch import nn
 
 
@@ -39,3 +45,52 @@ def alias_split_state(parent: nn.Module, child_name: str, original_names: list[s
 
     parent.register_state_dict_post_hook(save)
     parent.register_load_state_dict_pre_hook(load)
+
+
+def tensor_keys(module: nn.Module) -> dict[int, list[str]]:
+    """id(tensor) -> the module's state_dict keys holding it (after all key hooks)."""
+    keys: dict[int, list[str]] = defaultdict(list)
+    for key, value in module.state_dict(keep_vars=True).items():
+        if isinstance(value, torch.Tensor):
+            keys[id(value)].append(key)
+    return keys
+
+
+def moved_keys(before: dict[int, list[str]], module: nn.Module) -> dict[str, str]:
+    """new key -> old key for tensors that are still there under another name."""
+    after = tensor_keys(module)
+    old_names = {k for ks in before.values() for k in ks}
+    new_names = {k for ks in after.values() for k in ks}
+    moves = {}
+    for tensor_id, new in after.items():
+        old = before.get(tensor_id)
+        gone = [k for k in old or () if k not in new_names]
+        fresh = [k for k in new if k not in old_names]
+        if len(gone) == 1 and len(fresh) == 1:
+            moves[fresh[0]] = gone[0]
+    return moves
+
+
+def _renamed(state_dict: dict, mapping: dict[str, str]) -> None:
+    """Rename keys of ``state_dict`` in place, keeping their positions."""
+    if not any(k in state_dict for k in mapping):
+        return
+    items = [(mapping.get(k, k), v) for k, v in state_dict.items()]
+    state_dict.clear()
+    state_dict.update(items)
+
+
+def keep_original_keys(module: nn.Module, moves: dict[str, str]) -> None:
+    """Save ``module``'s tensors under the old keys and accept checkpoints that use them."""
+    if not moves:
+        return
+    inverse = {old: new for new, old in moves.items()}
+
+    def save(mod, state_dict, prefix, local_metadata):
+        _renamed(state_dict, {prefix + new: prefix + old for new, old in moves.items()})
+
+    def load(mod, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        _renamed(state_dict, {prefix + old: prefix + new for old, new in inverse.items()})
+
+    module.register_state_dict_post_hook(save)
+    module.register_load_state_dict_pre_hook(load)

@@ -206,3 +206,21 @@ def test_a_pattern_parameter_held_inside_a_module_call_is_a_pattern_error():
     sch = slapo.create_schedule(Attention())
     with pytest.raises(slapo.PatternError, match="held inside a module call"):
         sch.find(lambda x, w, b: F.linear(x, w, b))
+
+
+def test_python_replace_with_an_op_that_takes_over_parameters_keeps_the_original_keys():
+    import tiny_models
+    from slapo_lightning.op import FusedMLP
+
+    model = tiny_models.gpt2()
+    original = copy.deepcopy(model)
+    keys = list(model.state_dict())
+    sch = slapo.create_schedule(model)
+    for mlp in sch.select("transformer.h.*.mlp"):
+        mlp.replace(FusedMLP.from_gpt2(mlp.mod))
+    assert isinstance(model.transformer.h[0].mlp, FusedMLP)
+    assert sorted(model.state_dict()) == sorted(keys)
+    plain = tiny_models.gpt2(seed=3)
+    model.load_state_dict(plain.state_dict(), strict=True)
+    slapo.verify(plain, model, tiny_models.batch(padded=False), rtol=1e-4, atol=1e-5)
+    original.load_state_dict(model.state_dict(), strict=True)

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import ReplaceError
 from ..pattern import Subgraph
-from ..state_keys import alias_split_state, supports_split_state
+from ..state_keys import alias_split_state, keep_original_keys, moved_keys, supports_split_state, tensor_keys
 from ..tracer import forward_signature
 from .registry import register_primitive
 
@@ -112,8 +112,10 @@ def replace(sch, new: nn.Module, target: Any = None, name: str | None = None,
     if not isinstance(new, nn.Module):
         raise ReplaceError(f"replace expects an nn.Module, got {type(new).__name__}")
     new.train(sch.mod.training)  # a fresh op would otherwise run dropout inside an eval-mode model
+    keys_before = tensor_keys(sch.mod)
     if target is None:
         sch.replace_module(new)
+        keep_original_keys(new, moved_keys(keys_before, new))
         return new
     gm = sch.mod
     if not isinstance(gm, fx.GraphModule):
@@ -145,6 +147,7 @@ def replace(sch, new: nn.Module, target: Any = None, name: str | None = None,
     if len(subgraphs) > 1 and supports_split_state(new) and all(len(m) == 1 for m in original_modules):
         alias_split_state(gm, child_name, [m[0] for m in original_modules])
     _drop_unused_modules(gm, removed)
+    keep_original_keys(gm, moved_keys(keys_before, gm))
     gm.graph.lint()
     gm.recompile()
     return new

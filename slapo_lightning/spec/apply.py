@@ -15,7 +15,7 @@ from torch import nn
 from ..errors import ScheduleError, SpecError, closest
 from ..report import ModuleChange, PassReport, Report, Skipped, StepRecord
 from ..schedule import Schedule, create_schedule
-from .keys import keep_original_keys, moved_keys, tensor_keys
+from ..state_keys import keep_original_keys, moved_keys, tensor_keys
 from .model import PassSpec, load_spec
 from .snapshot import ModelSnapshot
 from .steps import NoMatch, select_all, step_kind
@@ -128,8 +128,8 @@ def _run_on_module(sch: Schedule, p: PassSpec) -> ModuleChange | Skipped:
         keep_original_keys(sch.mod, moved_keys(keys, sch.mod))
         return before.change(sch.path, sch.mod, [StepRecord("fn", p.fn, 1)])
     records = []
+    undo = ModelSnapshot(sch.parent.mod if sch.parent is not None else sch.mod) if p.optional else None
     for index, step in enumerate(p.steps, start=1):
-        keys = tensor_keys(sch.mod)
         try:
             with _context(p, sch, f"step {index} ({step.kind})"):
                 records.append(step_kind(step.kind).run(sch, dict(step.args)))
@@ -138,8 +138,8 @@ def _run_on_module(sch: Schedule, p: PassSpec) -> ModuleChange | Skipped:
                 raise SpecError(f"pass {p.name!r} at {sch.path or '<root>'} step {index} ({step.kind}): {exc} "
                                 f"(selector {' or '.join(map(repr, p.select or ('<root>',)))}; "
                                 f"mark the pass optional: true to allow this)") from None
+            undo.restore()  # an optional pass that finds nothing leaves no half-applied steps
             return Skipped(sch.path, f"step {index} ({step.kind}): {exc}")
-        keep_original_keys(sch.mod, moved_keys(keys, sch.mod))
     return before.change(sch.path, sch.mod, records)
 
 
