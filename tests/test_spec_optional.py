@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import slapo_lightning as slapo
 from slapo_lightning.op import LinearWithSeparateBias
+from slapo_lightning.spec import register_pattern
 import tiny_models
 
 
@@ -14,8 +15,7 @@ def never_matches(x):
 
 
 def test_optional_pass_without_a_match_is_rolled_back_and_reported_skipped():
-    if "never_matches_for_test" not in slapo.spec.PATTERNS:
-        slapo.spec.register_pattern("never_matches_for_test", never_matches)
+    register_pattern("never_matches_for_test", never_matches, overwrite=True)
     model = tiny_models.bert()
     spec = {"passes": {"try_it": {
         "optional": True,
