@@ -30,12 +30,20 @@ def _registered_op_classes() -> set[type]:
 
 
 def disable_kv_cache(root: nn.Module) -> None:
-    """Traced layers cannot fill HF's KV cache; make the model stop passing one (training never uses it)."""
+    """Traced layers cannot fill HF's KV cache; make the model stop passing one (training never
+    uses it). The original setting is kept on the model for exports (``original_use_cache``)."""
     config = getattr(root, "config", None)
     if getattr(config, "use_cache", False):
         warnings.warn("slapo_lightning: setting config.use_cache=False: traced layers cannot update a KV cache",
                       stacklevel=3)
+        root.__dict__["_slapo_original_use_cache"] = True
         config.use_cache = False
+
+
+def original_use_cache(model: nn.Module) -> bool | None:
+    """``config.use_cache`` as it was before tracing turned it off (None: no HF config)."""
+    config = getattr(model, "config", None)
+    return model.__dict__.get("_slapo_original_use_cache", getattr(config, "use_cache", None))
 
 
 @register_primitive("trace")
