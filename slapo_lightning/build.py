@@ -32,9 +32,12 @@ def build(sch: Schedule, init_weights: bool | Callable = False,
     if not isinstance(sch, Schedule):
         raise ScheduleError(f"build expects a Schedule from create_schedule(), got {type(sch).__name__}")
     model = sch.root.mod
-    for module in model.modules():
+    for path, module in model.named_modules():
         if isinstance(module, fx.GraphModule):
-            module.graph.lint()
+            try:
+                module.graph.lint()
+            except RuntimeError as exc:
+                raise ScheduleError(f"build: the graph of {path or '<root>'} is inconsistent: {exc}") from None
     if init_weights:
         _reinitialise(model, init_weights)
     return model, (optimizer(model.parameters()) if optimizer is not None else None)

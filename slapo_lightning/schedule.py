@@ -171,9 +171,8 @@ def _as_example(args: tuple, kwargs: dict) -> CallArgs:
 
 def _hf_dummy_inputs(model: nn.Module) -> dict | None:
     """A small packed batch for Hugging Face models (no padding: the common training case)."""
-    config = getattr(model, "config", None)
-    vocab = getattr(config, "vocab_size", None)
-    if not vocab or not hasattr(model, "dummy_inputs"):
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if not vocab or getattr(model, "main_input_name", None) != "input_ids":
         return None
     generator = torch.Generator().manual_seed(0)
     return {"input_ids": torch.randint(0, vocab, (2, 8), generator=generator)}
