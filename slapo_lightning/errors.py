@@ -66,3 +66,15 @@ class SpecError(ScheduleError):
 
 class CheckpointMismatchError(ScheduleError):
     """A checkpoint made under a different schedule."""
+
+
+class RecipeError(ScheduleError, ValueError):
+    """A configuration value that cannot work; the message names the key and the valid choices."""
+
+
+class OpError(ScheduleError, ValueError):
+    """Bad arguments to an op: shapes that do not fit, an unknown activation, a bad mask dtype.
+
+    It is a ``ValueError`` too, so callers that treat ops like plain torch modules can catch it
+    the usual way; the scheduling core catches it as a ``ScheduleError``.
+    """

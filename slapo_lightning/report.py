@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import RegistryError, closest
+
 
 @dataclass
 class StepRecord:
@@ -74,7 +76,11 @@ class Report:
         for p in self.passes:
             if p.name == name:
                 return p
-        raise KeyError(f"no pass {name!r} in report; passes: {', '.join(p.name for p in self.passes)}")
+        names = [p.name for p in self.passes]
+        hint = closest(name, names, n=1) if isinstance(name, str) else []
+        raise RegistryError(f"no pass {name!r} in the report of {self.model}"
+                            f"{f'; did you mean {hint[0]!r}?' if hint else ''}; "
+                            f"valid passes: {', '.join(names) or '(none)'}")
 
     @property
     def applied(self) -> list[str]:

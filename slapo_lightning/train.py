@@ -20,6 +20,7 @@ from hydra._internal.utils import get_args_parser
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from .lightning.callback import ScheduleCallback
 from .lightning.cli_errors import CONFIG_NAME, USER_ERRORS, check_overrides, one_line
 from .lightning.errors import RecipeError
 from .lightning.export import export_pretrained
@@ -64,8 +65,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if checkpoint is not None:
         result["best_checkpoint"] = checkpoint.best_model_path or None
         result["last_checkpoint"] = checkpoint.last_model_path or None
-    report = Path(trainer.log_dir or cfg.run_dir) / "schedule_report.json"
-    result["schedule_report"] = str(report) if report.is_file() else None
+    schedule = next((c for c in trainer.callbacks if isinstance(c, ScheduleCallback)), None)
+    report = schedule.report_file(trainer) if schedule is not None else None
+    result["schedule_report"] = str(report) if report is not None and report.is_file() else None
     if cfg.export_dir and trainer.is_global_zero:
         result["export_dir"] = str(export_pretrained(module.model, cfg.export_dir, tokenizer))
     if trainer.is_global_zero:

@@ -99,6 +99,38 @@ def test_verification_stops_before_training_and_names_the_pass(tmp_path):
     assert t.global_step == 0
 
 
+class OtherRankFailed(pl.strategies.SingleDeviceStrategy):
+    """A single process that reports, like a DDP peer would, that another rank's verification failed."""
+
+    def __init__(self):
+        super().__init__(torch.device("cpu"))
+        self.decisions = []
+
+    def reduce_boolean_decision(self, decision, all=True):
+        self.decisions.append((decision, all))
+        return True
+
+
+def test_a_failure_on_another_rank_stops_this_rank_too(tmp_path):
+    strategy = OtherRankFailed()
+    t = trainer(tmp_path, [slapo.ScheduleCallback(fx.BERT_SPEC, verify="first_batch", print_report=False)],
+                strategy=strategy)
+    with pytest.raises(VerificationError, match="first-batch verification of 'model' failed on another rank"):
+        t.fit(bert_module(), loader(mlm=True))
+    assert strategy.decisions == [(False, False)] and t.global_step == 0
+
+
+def test_a_failing_rank_raises_its_own_error_after_the_ranks_agree(tmp_path):
+    register_op_factory("test_wrong_gelu", wrong_gelu, overwrite=True)
+    spec = OmegaConf.to_container(OmegaConf.load(fx.BERT_SPEC))
+    spec["passes"]["bias_gelu"]["steps"][-1]["replace"]["op"] = "test_wrong_gelu"
+    strategy = OtherRankFailed()
+    t = trainer(tmp_path, [slapo.ScheduleCallback(spec, verify="first_batch", print_report=False)], strategy=strategy)
+    with pytest.raises(VerificationError, match="schedule pass 'bias_gelu' breaks equivalence"):
+        t.fit(bert_module(), loader(mlm=True))
+    assert strategy.decisions == [(True, False)]
+
+
 def test_applied_once_across_fit_validate_and_test(tmp_path):
     module = bert_module()
     callback = slapo.ScheduleCallback(fx.BERT_SPEC, print_report=False)
@@ -208,9 +240,19 @@ def test_resuming_under_another_schedule_is_refused(bert_checkpoint, tmp_path):
 def test_weights_load_under_another_schedule_for_evaluation(bert_checkpoint, tmp_path):
     path, _ = bert_checkpoint
     other = OmegaConf.merge(OmegaConf.load(fx.BERT_SPEC), OmegaConf.from_dotlist(["passes.fused_qkv.enabled=false"]))
+    scheduled = bert_module(seed=11)
     t = trainer(tmp_path, [slapo.ScheduleCallback(other, print_report=False)])
-    metrics = t.validate(bert_module(seed=11), loader(mlm=True, n=1), ckpt_path=path, verbose=False)
-    assert torch.isfinite(torch.tensor(metrics[0]["val/loss"]))
+    metrics = t.validate(scheduled, loader(mlm=True, n=2), ckpt_path=path, verbose=False)
+    assert count(scheduled.model, FlashAttentionOp) == fx.LAYERS and count(scheduled.model, FusedQKV) == 0
+    plain = bert_module(seed=12)
+    expected = trainer(tmp_path, []).validate(plain, loader(mlm=True, n=2), ckpt_path=path, verbose=False)
+    assert count(plain.model, FlashAttentionOp) == 0
+    torch.testing.assert_close(torch.tensor(metrics[0]["val/loss"]), torch.tensor(expected[0]["val/loss"]),
+                               rtol=1e-4, atol=1e-5)
+    batch = fx.training_batches(1, True)[0]
+    scheduled.eval(), plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(scheduled.model(**batch).logits, plain.model(**batch).logits, rtol=1e-4, atol=1e-5)
 
 
 # -- configuration errors --------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import torch
 
 from slapo_lightning.data import TextDataModule
 from slapo_lightning.data.blocks import build_blocks, pack_blocks, token_stream
-from slapo_lightning.lightning.errors import RecipeError
+from slapo_lightning.errors import RecipeError
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +84,24 @@ def test_too_little_text_for_one_block_is_named(cache_dir):
 def test_unknown_objective_is_named():
     with pytest.raises(RecipeError, match="clm, mlm"):
         TextDataModule(objective="seq2seq")
+
+
+def test_ranks_that_train_the_tokenizer_at_once_use_the_cached_copy(tmp_path, monkeypatch):
+    """Two DDP ranks on a cold cache both train (WordPiece training is not deterministic); the one
+    whose rename loses must tokenize with the winner's copy, not its own."""
+    from slapo_lightning.data import tokenizer as tokenizers
+
+    first = datamodule(tmp_path / "first", "mlm", max_chars=20_000, vocab_size=400)
+    first.tokenizer
+    name = first.tokenizer_dir.name  # the cache entry's name depends on corpus, kind and size only
+    train = tokenizers.TRAINERS["wordpiece"]
+    winner = train(["zebra quokka axolotl narwhal " * 20] * 50, 400)  # "the other rank's" tokenizer
+
+    def train_while_another_rank_wins(texts, vocab_size):
+        own = train(texts, vocab_size)
+        winner.save_pretrained(str(tmp_path / "second" / "tokenizers" / name))
+        return own
+
+    monkeypatch.setitem(tokenizers.TRAINERS, "wordpiece", train_while_another_rank_wins)
+    second = datamodule(tmp_path / "second", "mlm", max_chars=20_000, vocab_size=400)
+    assert second.tokenizer.get_vocab() == winner.get_vocab() != first.tokenizer.get_vocab()

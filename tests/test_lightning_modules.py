@@ -12,6 +12,7 @@ from slapo_lightning.lightning import CausalLMModule, LMHeadLoss, MaskedLMModule
 from slapo_lightning import configs
 from slapo_lightning.lightning.errors import RecipeError
 from slapo_lightning.lightning.hf_models import preset_config
+from slapo_lightning.op.cross_entropy import FusedLinearCrossEntropy
 
 CONFIG_DIR = Path(configs.__file__).parent
 VOCAB = 300
@@ -77,11 +78,10 @@ def test_lm_loss_adds_no_state_dict_key(build, plain):
 
 
 def test_lm_loss_can_be_swapped_for_the_fused_op():
-    cross_entropy = pytest.importorskip("slapo_lightning.op.cross_entropy")
     module = gpt2().eval()
     batch = clm_batch()
     expected, _ = module.loss(batch)
-    module.model.lm_loss = cross_entropy.FusedLinearCrossEntropy(chunk_size=7)
+    module.model.lm_loss = FusedLinearCrossEntropy(chunk_size=7)
     fused, _ = module.loss(batch)
     torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
 

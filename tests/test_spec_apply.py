@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections import Counter
 
 import pytest
 import torch
@@ -217,6 +218,18 @@ def test_shipped_specs_toggle_and_configure_from_the_hydra_command_line(recipe):
     spec = load_spec(cfg.schedule)
     assert [p.name for p in spec.enabled] == ["flash_attention", "checkpoint"]
     assert spec["flash_attention"].steps[-1].args["backend"] == "sdpa"
+
+    model = fx.MODELS[recipe][0]()
+    before = Counter(type(m).__name__ for m in model.modules())
+    report = slapo.apply_schedule(model, cfg.schedule, fx.inputs())
+    assert report.applied == ["flash_attention", "checkpoint"]
+    assert all(report[name].status == "disabled" and not report[name].changes
+               for name in passes if name not in ("flash_attention", "checkpoint"))
+    after = Counter(type(m).__name__ for m in model.modules())
+    # the two enabled passes added their modules; the disabled ones added (or replaced) nothing
+    assert after - before == Counter({"FlashAttentionOp": fx.LAYERS, "CheckpointWrapper": fx.LAYERS})
+    assert not before - after
+    assert {m.backend_name for m in model.modules() if isinstance(m, FlashAttentionOp)} == {"sdpa"}
 
 
 def test_fingerprint_fills_in_op_defaults():

@@ -189,8 +189,14 @@ def test_root_module_cannot_be_replaced():
     assert type(model).__name__ == "BertForMaskedLM" and not isinstance(model, torch.fx.GraphModule)
 
 
-def test_errors_are_one_family():
-    assert issubclass(SpecError, ScheduleError) and issubclass(BackendError, ScheduleError)
+def test_unknown_pass_in_a_report_names_the_valid_ones():
+    report = slapo.apply_schedule(fx.bert(), spec(fused_qkv=qkv(), flash=attention(backend="sdpa")))
+    with pytest.raises(ScheduleError, match=r"no pass 'fused_qvk' in the report of BertForMaskedLM; "
+                                            r"did you mean 'fused_qkv'\?; valid passes: fused_qkv, flash$") as info:
+        report["fused_qvk"]
+    assert isinstance(info.value, KeyError)  # code that caught the old KeyError keeps working
+    with pytest.raises(ScheduleError, match=r"no pass 'gelu' in the report of BertForMaskedLM; valid passes: fused_qkv, flash$"):
+        report["gelu"]
 
 
 def test_rollback_restores_graphs_traced_by_an_earlier_schedule():

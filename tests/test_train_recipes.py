@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -10,20 +9,13 @@ import torch
 from hydra import compose, initialize_config_module
 from transformers import GPT2LMHeadModel
 
-from slapo_lightning import configs
+import slapo_lightning as slapo
+from slapo_lightning.lightning import CausalLMModule, MaskedLMModule
 from slapo_lightning.train import train
 
-CONFIG_DIR = Path(configs.__file__).parent
+import test_spec_fixtures as fx
+
 RECIPES = {"gpt2": "CausalLMModule", "bert": "MaskedLMModule"}
-
-
-def schedule_overrides(recipe: str) -> list[str]:
-    """The recipe's own schedule once the callback and its spec file exist; an empty one before."""
-    if importlib.util.find_spec("slapo_lightning.lightning.callback") is None:
-        return ["schedule=none", "~callbacks.schedule"]
-    if not (CONFIG_DIR / "schedule" / f"{recipe}.yaml").is_file():
-        return ["schedule=none"]
-    return []
 
 
 def tiny_overrides(recipe: str, run_dir: Path, cache_dir: Path) -> list[str]:
@@ -39,7 +31,6 @@ def tiny_overrides(recipe: str, run_dir: Path, cache_dir: Path) -> list[str]:
         "~callbacks.progress",
         "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false",
-        *schedule_overrides(recipe),
     ]
 
 
@@ -55,13 +46,12 @@ def cache_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_composes_model_data_schedule_and_trainer(recipe, tmp_path):
-    cfg = compose_train(f"recipe={recipe}", f"run_dir={tmp_path}", *schedule_overrides(recipe))
+    cfg = compose_train(f"recipe={recipe}", f"run_dir={tmp_path}")
     assert cfg.model._target_.endswith(RECIPES[recipe])
     assert cfg.data.objective == {"gpt2": "clm", "bert": "mlm"}[recipe]
     assert cfg.model.size == "tiny" and cfg.trainer.accelerator == "auto"
     assert cfg.callbacks.checkpoint.dirpath == f"{tmp_path}/checkpoints"
-    if "callbacks.schedule" not in " ".join(schedule_overrides(recipe)):
-        assert cfg.callbacks.schedule.schedule == cfg.schedule
+    assert cfg.callbacks.schedule.schedule == cfg.schedule
 
 
 def test_trainer_presets_compose(tmp_path):
@@ -74,9 +64,12 @@ def test_trainer_presets_compose(tmp_path):
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_runs_with_fast_dev_run(recipe, tmp_path, cache_dir):
-    cfg = compose_train(*tiny_overrides(recipe, tmp_path, cache_dir), "trainer.fast_dev_run=true")
+    report = tmp_path / "reports" / "schedule.json"
+    cfg = compose_train(*tiny_overrides(recipe, tmp_path, cache_dir), "trainer.fast_dev_run=true",
+                        f"+callbacks.schedule.report_path={report}")
     result = train(cfg)
     assert result["global_step"] == 1
+    assert result["schedule_report"] == str(report) and report.is_file()
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -87,6 +80,7 @@ def test_small_corpus_with_fewer_tokens_than_asked_logs_and_trains(recipe, tmp_p
                         "trainer.limit_val_batches=1", "validate_after_fit=false")
     result = train(cfg)
     assert result["global_step"] == 1
+    assert result["schedule_report"] == str(Path(result["log_dir"]) / "schedule_report.json")
 
 
 @pytest.mark.slow
@@ -128,12 +122,44 @@ def read_metric(path: Path, name: str) -> list[tuple[int, float]]:
         return [(int(row["step"]), float(row[name])) for row in csv.DictReader(handle) if row.get(name)]
 
 
+def tiny_module(recipe: str):
+    torch.manual_seed(0)
+    if recipe == "bert":
+        return MaskedLMModule(sizes=fx.BERT_SIZES, vocab_size=fx.VOCAB, warmup_steps=1)
+    return CausalLMModule(sizes=fx.GPT2_SIZES, vocab_size=fx.VOCAB, warmup_steps=1,
+                          token_ids={"bos_token_id": 0, "eos_token_id": 0})
+
+
+def classes(model) -> set[str]:
+    return {type(m).__name__ for m in model.modules()}
+
+
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_every_schedule_pass_can_be_toggled_from_the_command_line(recipe, tmp_path):
-    spec_file = CONFIG_DIR / "schedule" / f"{recipe}.yaml"
-    if not spec_file.is_file():
-        pytest.skip(f"{spec_file.name} is not there yet")
-    passes = compose_train(f"recipe={recipe}", f"run_dir={tmp_path}").schedule.passes
+    """Each pass turned off with ``schedule.passes.<pass>.enabled=false`` leaves the model alone while
+    the other passes still apply; ``checkpoint`` (off in the shipped spec) turns on the same way."""
+    recipe_overrides = [f"recipe={recipe}", f"run_dir={tmp_path}"]
+    passes = list(compose_train(*recipe_overrides).schedule.passes)
+    assert "checkpoint" in passes
+    reference = tiny_module(recipe)
+    full = slapo.apply_schedule(reference.model, compose_train(*recipe_overrides,
+                                                               "schedule.passes.checkpoint.enabled=true").schedule)
+    assert full.applied == passes
+    introduced = {p.name: {cls for c in p.changes for cls in c.new_modules.values()} for p in full.passes}
     for name in passes:
-        toggled = compose_train(f"recipe={recipe}", f"run_dir={tmp_path}", f"schedule.passes.{name}.enabled=false")
-        assert toggled.schedule.passes[name].enabled is False
+        others = set().union(*(introduced[n] for n in passes if n != name))
+        own = introduced[name] - others
+        assert own, f"pass {name} introduces no module class of its own: {introduced}"
+        module = tiny_module(recipe)
+        before = classes(module.model)
+        spec = compose_train(*recipe_overrides, f"schedule.passes.{name}.enabled=false").schedule
+        assert spec.passes[name].enabled is False
+        report = slapo.apply_schedule(module.model, spec)
+        assert report[name].status == "disabled" and not report[name].changes
+        assert report.applied == [n for n in passes if n not in (name, "checkpoint")]
+        assert not own & classes(module.model), f"disabled pass {name} still put {own} into the model"
+        for change in full[name].changes:
+            touched_by_others = any(c.path == change.path for p in full.passes if p.name != name for c in p.changes)
+            if not touched_by_others:
+                assert type(module.model.get_submodule(change.path)).__name__ == change.class_before
+        assert classes(module.model) != before, f"no pass applied with only {name} disabled"

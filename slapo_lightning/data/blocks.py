@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerFast
 
-from ..lightning.errors import RecipeError
+from ..errors import RecipeError
 
 OBJECTIVES = ("clm", "mlm")
 

@@ -13,7 +13,7 @@ import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..lightning.errors import RecipeError
+from ..errors import RecipeError
 
 
 @dataclass(frozen=True)

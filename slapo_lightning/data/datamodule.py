@@ -11,7 +11,7 @@ from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerFas
 from .blocks import OBJECTIVES, PackedBlocks, build_blocks
 from .corpus import Document, corpus_fingerprint, load_documents, split_documents
 from .tokenizer import load_tokenizer, train_or_load_tokenizer
-from ..lightning.errors import RecipeError
+from ..errors import RecipeError
 
 
 class TextDataModule(pl.LightningDataModule):
@@ -73,13 +73,25 @@ class TextDataModule(pl.LightningDataModule):
             self.tokenizer_dir = Path(hp.tokenizer_path)
             return load_tokenizer(hp.tokenizer_path)
         train_docs, _ = self.documents
-        tokenizer, self.tokenizer_dir, _ = train_or_load_tokenizer(
+        tokenizer, self.tokenizer_dir, trained_now = train_or_load_tokenizer(
             hp.tokenizer_kind, self.requested_vocab_size, [d.text for d in train_docs], corpus_fingerprint(train_docs), hp.cache_dir
         )
+        if trained_now:
+            # WordPiece training is not deterministic: ranks that trained at the same time all use the
+            # copy that won the rename into the cache, not each their own
+            tokenizer = load_tokenizer(self.tokenizer_dir)
         return tokenizer
 
     def prepare_data(self) -> None:
-        """Train and cache the tokenizer once (rank 0) before other ranks load it in ``setup``."""
+        """Make sure the tokenizer exists: load it from the cache, or train it and cache it.
+
+        Lightning calls this on local rank 0 only, but ``slapo-train`` reads ``tokenizer`` on every
+        rank before ``fit`` (the model's vocabulary size comes from it), so under DDP each rank that
+        finds no cached copy trains one itself. That is safe: the cache is written to a staging
+        directory and renamed into place, so ranks racing on it never read a half-written tokenizer,
+        and every rank then loads the cached copy, so all of them tokenize alike (given a cache
+        directory they share).
+        """
         self.tokenizer
 
     def setup(self, stage: str | None = None) -> None:

@@ -137,12 +137,17 @@ class ScheduleCallback(Callback):
             examples = getattr(pl_module, "example_input_array", None)
         return (examples,) if isinstance(examples, torch.Tensor) else examples
 
+    def report_file(self, trainer: pl.Trainer) -> Path:
+        """Where the report is saved: ``report_path``, else ``<trainer.log_dir>/schedule_report.json``.
+
+        Call it on every rank: under DDP ``trainer.log_dir`` is a collective call."""
+        if self.report_path:
+            return Path(self.report_path).expanduser()
+        return Path(trainer.log_dir or trainer.default_root_dir) / REPORT_FILE
+
     def _publish(self, trainer: pl.Trainer) -> None:
         """Save the report (the run directory is known to every rank) and print it on rank 0."""
-        path = Path(self.report_path) if self.report_path else None
-        if path is None:
-            directory = trainer.log_dir or trainer.default_root_dir  # a collective call under DDP
-            path = Path(directory) / REPORT_FILE
+        path = self.report_file(trainer)
         if not trainer.is_global_zero:
             return
         self.report.save(path)
@@ -162,6 +167,22 @@ class ScheduleCallback(Callback):
             warnings.warn(f"ScheduleCallback: {self.target!r} was already scheduled when this callback started, so "
                           f"there is no unscheduled copy to verify against; skipping verification", RuntimeWarning)
             return
+        error: BaseException | None = None
+        try:
+            self._verify_first_batch(pl_module, original, batch, batch_idx)
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after every rank has agreed
+            error = exc
+        # Under DDP each rank verifies its own batch: a rank that raised alone would leave the others
+        # waiting in the next collective, so all ranks agree on the outcome and all of them stop.
+        failed = trainer.strategy.reduce_boolean_decision(error is not None, all=False)
+        if error is not None:
+            raise error
+        if failed:
+            raise VerificationError(f"ScheduleCallback: first-batch verification of {self.target!r} failed on "
+                                    f"another rank (see that rank's error); stopping this rank too")
+
+    def _verify_first_batch(self, pl_module: pl.LightningModule, original: nn.Module, batch: Any,
+                            batch_idx: int) -> None:
         scheduled = _find(pl_module, self.target)
         try:
             original.load_state_dict(scheduled.state_dict(), strict=True)

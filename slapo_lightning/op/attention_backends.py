@@ -114,9 +114,6 @@ class AttentionBackend:
         """Backend-specific limits beyond device and dtype (shapes, masks), or None."""
         return None
 
-    def supports(self, q: torch.Tensor, mask: torch.Tensor | None, dropout_p: float, causal: bool) -> bool:
-        return self.installed() and self.unsupported_reason(q, mask, dropout_p, causal) is None
-
     def run(self, q, k, v, mask, dropout_p: float, causal: bool, scale: float | None) -> torch.Tensor:
         raise NotImplementedError
 

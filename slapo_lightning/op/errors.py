@@ -1,12 +1,10 @@
-"""The error an op raises when it is built or called with arguments it cannot honour."""
+"""The error an op raises when it is built or called with arguments it cannot honour.
+
+``OpError`` lives in ``slapo_lightning.errors`` with the rest of the family; it is re-exported
+here so existing imports keep working.
+"""
 from __future__ import annotations
 
-from ..errors import ScheduleError
+from ..errors import OpError
 
-
-class OpError(ScheduleError, ValueError):
-    """Bad arguments to an op: shapes that do not fit, an unknown activation, a bad mask dtype.
-
-    It is a ``ValueError`` too, so callers that treat ops like plain torch modules can catch it
-    the usual way; the scheduling core catches it as a ``ScheduleError``.
-    """
+__all__ = ["OpError"]

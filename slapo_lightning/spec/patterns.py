@@ -47,12 +47,6 @@ class Group:
     subgraphs: list[Subgraph]
     variant: Variant
 
-    @property
-    def values(self) -> dict[str, Any]:
-        """Pattern parameter -> matched graph value (a node or a literal) of the first subgraph."""
-        first = self.subgraphs[0]
-        return dict(zip(first.param_names, first.inputs))
-
 
 PATTERNS: Registry = Registry("pattern")
 
