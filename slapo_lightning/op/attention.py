@@ -44,8 +44,9 @@ class FlashAttentionOp(nn.Module):
 
     Args:
         attn_op_name: ``"auto"`` (fastest backend that supports the inputs), a registered backend
-            (``"sdpa"``, ``"flash_attn"``, ``"xformers"``, ``"math"``) or a tutorial alias
-            (``"native_xformers"``/``"cutlass"`` -> xformers, ``"triton"``/``"cuda"`` -> flash_attn).
+            (``"sdpa"``, ``"flash_attn"``, ``"xformers"``, ``"blocked_dropout"`` (CPU with dropout),
+            ``"math"``) or a tutorial alias (``"native_xformers"``/``"cutlass"`` -> xformers,
+            ``"triton"``/``"cuda"`` -> flash_attn).
         apply_causal_mask: also mask future keys (bottom-right aligned), independently of any mask.
         scale: softmax scale; None means 1/sqrt(head_dim).
         strict: raise ``BackendError`` when the named backend is missing or cannot run the inputs,

@@ -1,0 +1,96 @@
+"""Attention with dropout for CPU, one block of queries at a time.
+
+With dropout, torch's CPU ``scaled_dot_product_attention`` leaves its flash kernel for the math
+one: it builds the full (seq x seq) scores, masks the future, and draws a float dropout mask for
+every entry, although for causal attention half of them are masked anyway. Here each block of
+``BLOCK`` queries only meets the keys it may see (causal: the lower triangle alone, 17/32 of the
+square at 1024 tokens), one block's scores stay in cache from the GEMM through softmax and
+dropout, and backward keeps the probabilities plus a one-byte keep mask instead of three float
+tensors.
+
+Dropout draws 16 random bits per entry (four per 64-bit number from torch's generator, so
+``torch.manual_seed`` makes runs repeatable): an entry is dropped with probability
+``round(p * 65536) / 65536`` and kept ones are scaled by the inverse of the keep probability, so
+the output's expectation is exactly the attention without dropout. Drawing 16-bit words is
+about 4x faster than ``bernoulli_``, which dominated the attention time.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+BLOCK = 64
+"""Queries per block: small enough to skip most of the masked triangle, large enough for GEMMs."""
+
+LEVELS = 1 << 16
+
+
+def keep_mask(shape: tuple[int, ...], p: float, device: torch.device) -> tuple[torch.Tensor, float]:
+    """Bool mask (True = keep) with drop probability ``p`` quantised to 1/65536, and the scale
+    (1 / keep probability) that keeps the expectation."""
+    dropped_levels = round(p * LEVELS)
+    n = math.prod(shape)
+    words = torch.randint(-(1 << 63), (1 << 63) - 1, (-(-n // 4),), dtype=torch.int64, device=device)
+    bits = words.view(torch.int16)[:n].view(shape)
+    return bits >= dropped_levels - LEVELS // 2, LEVELS / (LEVELS - dropped_levels)
+
+
+def _visible_keys(end: int, q_len: int, k_len: int, causal: bool) -> int:
+    """Keys the queries of a block ending at ``end`` may see (causal: bottom-right aligned)."""
+    return end + k_len - q_len if causal else k_len
+
+
+class _BlockedAttention(torch.autograd.Function):
+    """softmax(q k^T * scale [causal, bottom-right aligned]) with dropout, then @ v; causal needs q_len <= k_len."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, dropout_p: float, causal: bool, scale: float):
+        # Head-split views of (batch, seq, heads, dim) would be copied by every block's matmul.
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        q_len, k_len = q.shape[-2], k.shape[-2]
+        out = torch.empty_like(q)
+        saved = []
+        for start in range(0, q_len, BLOCK):
+            end = min(q_len, start + BLOCK)
+            visible = _visible_keys(end, q_len, k_len, causal)
+            scores = torch.matmul(q[..., start:end, :] * scale, k[..., :visible, :].transpose(-1, -2))
+            if causal:
+                future = torch.ones(end - start, end - start, dtype=torch.bool, device=q.device).triu_(1)
+                scores[..., visible - (end - start):].masked_fill_(future, float("-inf"))
+            probs = torch.softmax(scores, dim=-1)
+            del scores
+            keep, keep_scale = keep_mask(probs.shape, dropout_p, q.device)
+            out[..., start:end, :] = torch.matmul(probs * keep, v[..., :visible, :]).mul_(keep_scale)
+            saved += [probs, keep]
+        ctx.save_for_backward(q, k, v, *saved)
+        ctx.causal, ctx.scale, ctx.keep_scale = causal, scale, keep_scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, *saved = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        q_len, k_len = q.shape[-2], k.shape[-2]
+        grad_q, grad_k, grad_v = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for index, start in enumerate(range(0, q_len, BLOCK)):
+            end = min(q_len, start + BLOCK)
+            visible = _visible_keys(end, q_len, k_len, ctx.causal)
+            probs, keep = saved[2 * index], saved[2 * index + 1]
+            grad_block = grad_out[..., start:end, :] * ctx.keep_scale
+            grad_v[..., :visible, :] += torch.matmul((probs * keep).transpose(-1, -2), grad_block)
+            grad_probs = torch.matmul(grad_block, v[..., :visible, :].transpose(-1, -2)).mul_(keep)
+            grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+            del grad_probs
+            grad_q[..., start:end, :] = torch.matmul(grad_scores, k[..., :visible, :]).mul_(ctx.scale)
+            grad_k[..., :visible, :] += torch.matmul(grad_scores.transpose(-1, -2), q[..., start:end, :] * ctx.scale)
+        return grad_q, grad_k, grad_v, None, None, None
+
+
+def blocked_attention(q, k, v, dropout_p: float, causal: bool = False, scale: float | None = None) -> torch.Tensor:
+    """Attention with dropout ``dropout_p`` on (batch, heads, seq, head_dim) tensors, block of
+    queries by block; ``causal`` (bottom-right aligned) needs q_len <= k_len."""
+    if causal and q.shape[-2] > k.shape[-2]:
+        raise ValueError(f"causal blocked attention needs q_len <= k_len, got {q.shape[-2]} > {k.shape[-2]}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    return _BlockedAttention.apply(q, k, v, dropout_p, causal, scale)
