@@ -12,6 +12,7 @@ import inspect
 import math
 import operator
 import re
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -115,15 +116,40 @@ class Subgraph(list):
         return [n for _, n in self]
 
 
+_PATTERN_GRAPHS: "weakref.WeakKeyDictionary[Callable, tuple[tuple, fx.Graph]]" = weakref.WeakKeyDictionary()
+"""Traced patterns by function: a schedule matches one pattern in every layer, and tracing it
+anew each time was a third of applying the BERT-large schedule. The matcher only reads them."""
+
+
+def _pattern_identity(fn: Callable) -> tuple:
+    """What a pattern's graph depends on besides the function object: its code, defaults, closure."""
+    cells = tuple(id(cell.cell_contents) for cell in getattr(fn, "__closure__", None) or ())
+    return id(getattr(fn, "__code__", None)), id(getattr(fn, "__defaults__", None)), cells
+
+
 def trace_pattern(fn: Callable) -> fx.Graph:
     """Trace a pattern function (math functions kept as calls, like in the model's trace)."""
+    identity = _pattern_identity(fn)
+    cached = _PATTERN_GRAPHS.get(fn) if _weakly_referable(fn) else None
+    if cached is not None and cached[0] == identity:
+        return cached[1]
     try:
         tracer = fx.Tracer(autowrap_modules=(math,))
         graph = tracer.trace(fn)
     except Exception as exc:
         raise PatternError(f"cannot trace pattern {getattr(fn, '__name__', fn)!r}: {exc}") from None
     graph.eliminate_dead_code()
+    if _weakly_referable(fn):
+        _PATTERN_GRAPHS[fn] = (identity, graph)
     return graph
+
+
+def _weakly_referable(fn: Callable) -> bool:
+    try:
+        weakref.ref(fn)
+    except TypeError:
+        return False
+    return True
 
 
 def _canonical(node: fx.Node, owner: nn.Module | None) -> Any:
