@@ -52,8 +52,9 @@ def test_matches_reference_forward_and_backward(monkeypatch, q_len, k_len, causa
     want = reference(q, k, v, keep, 1 / 0.7, 0.4, causal)
     torch.testing.assert_close(out, want)
     upstream = torch.randn_like(want)
-    for got, expected in zip(torch.autograd.grad(out, [q, k, v], upstream), torch.autograd.grad(want, [q, k, v], upstream)):
-        torch.testing.assert_close(got, expected)
+    got, expected = (torch.autograd.grad(result, [q, k, v], upstream) for result in (out, want))
+    for got_grad, expected_grad in zip(got, expected):
+        torch.testing.assert_close(got_grad, expected_grad)
 
 
 def test_keep_mask_probability_and_scale():
