@@ -453,6 +453,22 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+# -- allocator ------------------------------------------------------------------------------------
+
+ALLOCATORS = ("retain", "default")
+
+
+def configure_allocator(device: str, mode: str) -> str:
+    """``retain``: on CPU, freed memory is kept and reused (what the recipes' CPUAllocatorCallback
+    does during training, see ``slapo_lightning/lightning/cpu_allocator.py``); ``default``: glibc
+    as it comes, every large buffer page-faulted anew each step. Returns what is in effect."""
+    if device != "cpu" or mode == "default":
+        return "default" if device == "cpu" else "CUDA caching allocator"
+    from slapo_lightning.lightning.cpu_allocator import retain_freed_memory
+
+    return "retain freed memory (mallopt)" if retain_freed_memory() else "default (mallopt unavailable)"
+
+
 # -- machine and output ---------------------------------------------------------------------------
 
 def cpu_model() -> str:

@@ -30,8 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
-    PRESETS, RESULTS, VARIANTS, Workload, build_trainee, fmt, machine_info, markdown_table, median,
-    other_busy_processes, peak_in_fresh_process, timed_rounds, warm_up, write_csv, write_json,
+    ALLOCATORS, PRESETS, RESULTS, VARIANTS, Workload, build_trainee, configure_allocator, fmt, machine_info,
+    markdown_table, median, other_busy_processes, peak_in_fresh_process, timed_rounds, warm_up, write_csv, write_json,
 )
 
 MEMORY_VARIANTS = ["sdpa", "schedule", "schedule_checkpoint"]
@@ -165,6 +165,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, help="timed steps per variant (default 5, quick 2)")
     parser.add_argument("--warmup", type=int, help="warm-up steps per variant (default 2, quick 1)")
     parser.add_argument("--cap-mib", type=float, help="also find the largest batch whose total peak fits this cap")
+    parser.add_argument("--allocator", choices=ALLOCATORS, default="retain",
+                        help="CPU: keep freed memory for reuse, as the recipes do (default), or glibc's default")
     parser.add_argument("--tag", default="", help="suffix of the result files")
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory for the result files")
     args = parser.parse_args(argv)
@@ -181,6 +183,7 @@ def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     started = time.perf_counter()
     info = machine_info(args.device)
+    info["allocator"] = configure_allocator(args.device, args.allocator)
     rows = []
     for recipe in args.recipes:
         workload: Workload = PRESETS[args.preset][recipe]
@@ -189,7 +192,8 @@ def main(argv: list[str] | None = None) -> Path:
                 wall_s=round(time.perf_counter() - started))
     dtype = "bf16 autocast" if args.device == "cuda" else "fp32"
     header = (f"Peak training memory at equal batch ({args.preset} preset, {dtype}), {info.get('gpu', info['cpu'])}, "
-              f"{info['threads']} threads, torch {info['torch']}, transformers {info['transformers']}; load average "
+              f"{info['threads']} threads, allocator: {info['allocator']}, torch {info['torch']}, "
+              f"transformers {info['transformers']}; load average "
               f"start {tuple(round(x, 2) for x in info['loadavg_start'])}, end "
               f"{tuple(round(x, 2) for x in info['loadavg_end'])}; tokens/s: median of {args.rounds} steps")
     text = f"{header}\n\n{table(rows, args.cap_mib)}\n{targets_text(rows)}"

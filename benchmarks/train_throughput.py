@@ -36,9 +36,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
-    PRESETS, RESULTS, VARIANTS, Trainee, Workload, build_trainee, eval_loss, flops_per_token, fmt, head_fraction,
-    machine_info, markdown_table, matmul_peak_flops, median, other_busy_processes, peak_in_fresh_process,
-    timed_rounds, train_step, warm_up, write_csv, write_json,
+    ALLOCATORS, PRESETS, RESULTS, VARIANTS, Trainee, Workload, build_trainee, configure_allocator, eval_loss,
+    flops_per_token, fmt, head_fraction, machine_info, markdown_table, matmul_peak_flops, median, other_busy_processes,
+    peak_in_fresh_process, timed_rounds, train_step, warm_up, write_csv, write_json,
 )
 
 THROUGHPUT_VARIANTS = ["eager", "sdpa", "compile", "schedule", "schedule_regional"]
@@ -331,6 +331,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-memory", action="store_true", help="skip the per-variant peak-memory processes")
     parser.add_argument("--no-apply-timing", action="store_true", help="skip the BERT-large apply_schedule timing")
     parser.add_argument("--profile", action="store_true", help="also profile one step per variant")
+    parser.add_argument("--allocator", choices=ALLOCATORS, default="retain",
+                        help="CPU: keep freed memory for reuse, as the recipes do (default), or glibc's default")
     parser.add_argument("--tag", default="", help="suffix of the result files")
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory for the result files")
     args = parser.parse_args(argv)
@@ -351,6 +353,7 @@ def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     started = time.perf_counter()
     info = machine_info(args.device)
+    info["allocator"] = configure_allocator(args.device, args.allocator)
     log(f"machine: {info['cpu']}, {info['threads']} threads, load {info['loadavg_start']}")
     peaks = [matmul_peak_flops(args.device)]
     apply_timing = None if args.quick or args.no_apply_timing else bert_large_apply_seconds()
@@ -374,7 +377,8 @@ def main(argv: list[str] | None = None) -> Path:
     apply_s = apply_timing and apply_timing["bert_large_apply_s"]
     dtype = "bf16 autocast" if args.device == "cuda" else "fp32"
     header = (f"Training step throughput ({args.preset} preset, {dtype}), {info.get('gpu', info['cpu'])}, "
-              f"{info['threads']} threads, torch {info['torch']}, transformers {info['transformers']}; "
+              f"{info['threads']} threads, allocator: {info['allocator']}, torch {info['torch']}, "
+              f"transformers {info['transformers']}; "
               f"matmul peak {peak_flops / 1e9:.1f} GFLOP/s (best of start/end: {info['matmul_peak_gflops']}); "
               f"load average start {tuple(round(x, 2) for x in info['loadavg_start'])}, "
               f"end {tuple(round(x, 2) for x in info['loadavg_end'])}; median of {args.rounds} steps after "

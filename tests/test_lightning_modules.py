@@ -125,6 +125,30 @@ def test_warmup_then_cosine_to_min_lr(monkeypatch):
     assert all(p.ndim >= 2 for p in decay["params"]) and no_decay["weight_decay"] == 0.0
 
 
+def train_three_steps(module) -> torch.optim.Optimizer:
+    setup = module.configure_optimizers()
+    optimizer, scheduler = setup["optimizer"], setup["lr_scheduler"]["scheduler"]
+    for _ in range(3):
+        module.loss(clm_batch())[0].backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    return optimizer
+
+
+def test_adamw_is_fused_on_cpu_unless_turned_off_and_trains_alike(monkeypatch):
+    monkeypatch.setattr(CausalLMModule, "trainer", _FakeTrainer(), raising=False)
+    modules = {}
+    for setting in (None, False):
+        torch.manual_seed(0)
+        modules[setting] = gpt2(fused_adamw=setting, config={"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0})
+        initial = modules[setting].model.transformer.h[0].mlp.c_fc.weight.detach().clone()
+        assert bool(train_three_steps(modules[setting]).defaults["fused"]) is (setting is None)
+    for fused, foreach in zip(modules[None].parameters(), modules[False].parameters()):
+        torch.testing.assert_close(fused, foreach)
+    assert not torch.equal(modules[None].model.transformer.h[0].mlp.c_fc.weight, initial)
+
+
 @pytest.mark.parametrize("build, plain, batch", [(gpt2, GPT2LMHeadModel, clm_batch), (bert, BertForMaskedLM, mlm_batch)])
 def test_export_loads_with_plain_transformers_and_as_pretrained_path(tmp_path, build, plain, batch):
     module = build().eval()

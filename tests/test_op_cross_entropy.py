@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from slapo_lightning.op import OPS, FusedLinearCrossEntropy, OpError, fused_linear_cross_entropy
-from slapo_lightning.op.cross_entropy import ROW_ALIGNMENT, default_chunk_size
+from slapo_lightning.op.cross_entropy import ROW_ALIGNMENT, balanced_chunk_size, default_chunk_size
 from tensor_probe import LargestTensor
 
 TOL = dict(atol=1e-6, rtol=1e-5)
@@ -112,9 +112,18 @@ def test_never_allocates_full_logits():
     tokens = labels.numel()
     assert largest_tensor(reference, hidden, weight, labels, bias) >= tokens * VOCAB
     chunked = largest_tensor(lambda *a: fused_linear_cross_entropy(*a, chunk_size=8), hidden, weight, labels, bias)
+    assert balanced_chunk_size(tokens, 8) == 8
     aligned_vocab = -(-VOCAB // ROW_ALIGNMENT) * ROW_ALIGNMENT  # one chunk of logits, rows aligned
     assert chunked == max(8 * aligned_vocab, VOCAB * HIDDEN, tokens * HIDDEN)
     assert default_chunk_size(50257) * 50257 <= 1 << 25 and default_chunk_size(10**9) == 1
+
+
+@pytest.mark.parametrize("rows, limit, expected", [(2046, 667, 512), (2048, 667, 512), (10, 3, 3), (9, 3, 3),
+                                                   (5, 100, 5), (1, 1, 1)])
+def test_chunks_are_as_few_as_the_limit_allows_and_equal(rows, limit, expected):
+    size = balanced_chunk_size(rows, limit)
+    assert size == expected and size <= limit
+    assert -(-rows // size) == -(-rows // limit)
 
 
 def test_shape_errors_name_the_shapes():

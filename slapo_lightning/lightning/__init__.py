@@ -1,7 +1,8 @@
 """Lightning integration: LightningModules for masked/causal LM and their helpers."""
 from .causal_lm import CausalLMModule
+from .cpu_allocator import CPUAllocatorCallback
 from .export import export_pretrained
 from .lm_loss import LMHeadLoss
 from .masked_lm import MaskedLMModule
 
-__all__ = ["CausalLMModule", "LMHeadLoss", "MaskedLMModule", "export_pretrained"]
+__all__ = ["CPUAllocatorCallback", "CausalLMModule", "LMHeadLoss", "MaskedLMModule", "export_pretrained"]

@@ -46,6 +46,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias and bias is not None else None
         want_grads = need_hidden or need_weight or grad_bias is not None
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        chunk_size = balanced_chunk_size(hidden.shape[0], chunk_size)
         buffer = _aligned_logits_buffer(min(chunk_size, hidden.shape[0]), weight)
         for start in range(0, hidden.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
@@ -79,6 +80,13 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grads, ctx.grads = ctx.grads, None
         scaled = tuple(None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads)
         return (*scaled, None, None, None, None)
+
+
+def balanced_chunk_size(rows: int, chunk_size: int) -> int:
+    """The fewest chunks of at most ``chunk_size`` rows, made equal: 2046 rows at 667 per chunk go
+    as 4 x 512, not 3 x 667 + 45 (a 45-row GEMM runs at a fraction of the speed of the others)."""
+    chunks = max(1, -(-rows // chunk_size))
+    return -(-rows // chunks)
 
 
 def _aligned_logits_buffer(rows: int, weight: torch.Tensor) -> torch.Tensor | None:
