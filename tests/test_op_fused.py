@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from slapo_lightning.op import OPS, FusedBiasDropoutAddLayerNorm, FusedBiasGELU, OpError
+from slapo_lightning.op import OPS, FastDropout, FusedBiasDropoutAddLayerNorm, FusedBiasGELU, OpError, dropout
 from slapo_lightning.op import compiled, fused
 from slapo_lightning.op.compiled import CompiledOn
 
@@ -61,7 +61,8 @@ def test_bias_gelu_rejects_other_activations():
 
 
 def reference_ln(x, bias, residual, ln, p, training):
-    return ln(F.dropout(x + bias, p=p, training=training) + residual)
+    """The unfused computation, with the op library's dropout (its mask is tested in test_op_dropout)."""
+    return ln(dropout(x + bias, p, training) + residual)
 
 
 def ln_inputs(seed=0):
@@ -112,6 +113,7 @@ def test_bias_dropout_add_layer_norm_replaces_bert_self_output():
     torch.manual_seed(0)
     block = BertSelfOutput(config)
     op = FusedBiasDropoutAddLayerNorm.from_layer_norm(block.LayerNorm, p=block.dropout.p)
+    block.dropout = FastDropout.from_dropout(block.dropout)  # the same keep mask for the same seed
     hidden, residual = torch.randn(2, 5, HIDDEN), torch.randn(2, 5, HIDDEN)
     for training in (False, True):
         block.train(training), op.train(training)

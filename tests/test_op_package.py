@@ -17,14 +17,15 @@ from slapo_lightning.op import (
 def test_exports_and_registry():
     for name in (
         "attention", "FlashAttentionOp", "FusedQKV", "LinearWithSeparateBias", "FusedBiasGELU",
-        "FusedBiasDropoutAddLayerNorm", "FusedMLP", "FusedLinearCrossEntropy", "OPS", "register_op", "list_ops",
+        "FusedBiasDropoutAddLayerNorm", "FusedMLP", "FusedLinearCrossEntropy", "FastDropout", "OPS", "register_op",
+        "list_ops",
     ):
         assert hasattr(op, name), name
     assert op.attention.FlashAttentionOp is FlashAttentionOp
     names = op.list_ops()
     assert names == sorted(names)
     assert {
-        "flash_attention", "fused_bias_dropout_add_layer_norm", "fused_bias_gelu", "fused_linear_cross_entropy",
+        "fast_dropout", "flash_attention", "fused_bias_dropout_add_layer_norm", "fused_bias_gelu", "fused_linear_cross_entropy",
         "fused_mlp", "fused_qkv", "linear_with_separate_bias",
     } <= set(names)
 

@@ -14,7 +14,8 @@ from omegaconf import OmegaConf
 from torch import nn
 
 import slapo_lightning as slapo
-from slapo_lightning.op import FlashAttentionOp, FusedBiasDropoutAddLayerNorm, FusedBiasGELU, FusedMLP, FusedQKV
+from slapo_lightning.op import (FastDropout, FlashAttentionOp, FusedBiasDropoutAddLayerNorm, FusedBiasGELU, FusedMLP,
+                                FusedQKV)
 from slapo_lightning.report import Report
 from slapo_lightning.spec import Match, load_spec, register_op_factory
 
@@ -39,11 +40,13 @@ def test_shipped_spec_is_numerically_equivalent(name, impl, padded):
     assert list(model.state_dict()) == keys
     assert len(modules_of(model, FlashAttentionOp)) == fx.LAYERS
     if name == "bert":
-        assert report.applied == ["fused_qkv", "flash_attention", "bias_gelu", "bias_dropout_add_layer_norm"]
+        assert report.applied == ["fused_qkv", "flash_attention", "bias_gelu", "bias_dropout_add_layer_norm",
+                                  "fast_dropout"]
         assert len(modules_of(model, FusedQKV)) == fx.LAYERS and len(modules_of(model, FusedBiasGELU)) == fx.LAYERS
         assert len(modules_of(model, FusedBiasDropoutAddLayerNorm)) == 2 * fx.LAYERS
     else:
-        assert report.applied == ["flash_attention", "fused_mlp"]
+        assert report.applied == ["flash_attention", "fused_mlp", "fast_dropout"]
+        assert len(modules_of(model, FastDropout)) == fx.LAYERS + 1
         assert len(modules_of(model, FusedMLP)) == fx.LAYERS
         causal = {op.apply_causal_mask for op in modules_of(model, FlashAttentionOp)}
         assert causal == {impl == "sdpa" and not padded}  # sdpa's is_causal kept; eager's mask holds causality

@@ -17,7 +17,7 @@ class CausalLMModule(LanguageModelModule):
     model_class = GPT2LMHeadModel
     config_class = GPT2Config
 
-    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self.model.transformer(
             input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False
         ).last_hidden_state

@@ -26,7 +26,7 @@ class LanguageModelModule(pl.LightningModule):
     otherwise), linear warmup and cosine decay to ``min_lr_ratio * lr``; logs loss and perplexity.
 
     Subclasses set ``model_class``/``config_class`` and implement ``loss(batch) -> (loss, n)``,
-    ``n`` being the number of predicted tokens (validation loss is averaged per token).
+    ``n`` being the number of predicted tokens as a 0-d tensor (validation loss is averaged per token).
     """
 
     model_class: type[PreTrainedModel]
@@ -70,12 +70,14 @@ class LanguageModelModule(pl.LightningModule):
                 "lower data.seq_len or pick a larger model.size"
             )
 
-    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
     @staticmethod
-    def predicted_tokens(labels: torch.Tensor) -> int:
-        return int((labels != IGNORE_INDEX).sum())
+    def predicted_tokens(labels: torch.Tensor) -> torch.Tensor:
+        """A 0-d tensor, not an int: reading it out would wait for the GPU (and break a compiled
+        graph) in every training step."""
+        return (labels != IGNORE_INDEX).sum()
 
     def _count_flops(self, batch: dict[str, torch.Tensor], passes: int) -> None:
         """``flops_per_batch`` for ThroughputMonitor's MFU (a backward pass costs two forwards)."""

@@ -19,7 +19,7 @@ class MaskedLMModule(LanguageModelModule):
     model_class = BertForMaskedLM
     config_class = BertConfig
 
-    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self.model.bert(
             input_ids=batch["input_ids"],
             attention_mask=batch.get("attention_mask"),

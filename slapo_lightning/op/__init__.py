@@ -7,6 +7,7 @@ registered in ``OPS`` under a snake_case name (``list_ops()``), so schedule spec
 from . import attention
 from .attention import FlashAttentionOp
 from .attention_backends import ATTENTION_BACKENDS
+from .dropout import FastDropout, dropout
 from .cross_entropy import FusedLinearCrossEntropy, fused_linear_cross_entropy
 from .errors import OpError
 from .fused import FusedBiasDropoutAddLayerNorm, FusedBiasGELU, bias_dropout_add_layer_norm, bias_gelu
@@ -18,6 +19,7 @@ from .registry import OPS, list_ops, register_op
 __all__ = [
     "ATTENTION_BACKENDS",
     "OPS",
+    "FastDropout",
     "FlashAttentionOp",
     "FusedBiasDropoutAddLayerNorm",
     "FusedBiasGELU",
@@ -29,6 +31,7 @@ __all__ = [
     "attention",
     "bias_dropout_add_layer_norm",
     "bias_gelu",
+    "dropout",
     "fused_linear_cross_entropy",
     "list_ops",
     "register_op",

@@ -8,11 +8,9 @@ square at 1024 tokens), one block's scores stay in cache from the GEMM through s
 dropout, and backward keeps the probabilities plus a one-byte keep mask instead of three float
 tensors.
 
-Dropout draws 16 random bits per entry (four per 64-bit number from torch's generator, so
-``torch.manual_seed`` makes runs repeatable): an entry is dropped with probability
-``round(p * 65536) / 65536`` and kept ones are scaled by the inverse of the keep probability, so
-the output's expectation is exactly the attention without dropout. Drawing 16-bit words is
-about 4x faster than ``bernoulli_``, which dominated the attention time.
+Dropout draws 16 random bits per entry (``dropout.keep_mask``): the drop probability is ``p``
+quantised to 1/65536 and the output's expectation is exactly the attention without dropout.
+Drawing 16-bit words is about 4x faster than ``bernoulli_``, which dominated the attention time.
 """
 from __future__ import annotations
 
@@ -20,21 +18,10 @@ import math
 
 import torch
 
+from .dropout import keep_mask
+
 BLOCK = 64
 """Queries per block: small enough to skip most of the masked triangle, large enough for GEMMs."""
-
-LEVELS = 1 << 16
-
-
-def keep_mask(shape: tuple[int, ...], p: float, device: torch.device) -> tuple[torch.Tensor, float]:
-    """Bool mask (True = keep) with drop probability ``p`` quantised to 1/65536, and the scale
-    (1 / keep probability) that keeps the expectation."""
-    dropped_levels = round(p * LEVELS)
-    n = math.prod(shape)
-    words = torch.randint(-(1 << 63), (1 << 63) - 1, (-(-n // 4),), dtype=torch.int64, device=device)
-    bits = words.view(torch.int16)[:n].view(shape)
-    return bits >= dropped_levels - LEVELS // 2, LEVELS / (LEVELS - dropped_levels)
-
 
 def _visible_keys(end: int, q_len: int, k_len: int, causal: bool) -> int:
     """Keys the queries of a block ending at ``end`` may see (causal: bottom-right aligned)."""

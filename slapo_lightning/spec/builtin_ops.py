@@ -9,8 +9,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..op import (FlashAttentionOp, FusedBiasDropoutAddLayerNorm, FusedBiasGELU, FusedLinearCrossEntropy, FusedMLP,
-                  FusedQKV, LinearWithSeparateBias)
+from ..op import (FastDropout, FlashAttentionOp, FusedBiasDropoutAddLayerNorm, FusedBiasGELU, FusedLinearCrossEntropy,
+                  FusedMLP, FusedQKV, LinearWithSeparateBias)
 from ..op.errors import OpError
 from ..op.fused import gelu_approximate_for
 from ..tracer import train_only_probability
@@ -146,3 +146,12 @@ def linear_with_separate_bias(match: Match) -> LinearWithSeparateBias:
         raise OpError(f"linear_with_separate_bias replaces an nn.Linear, got {type(module).__name__}")
     return LinearWithSeparateBias.from_linear(module)
 
+
+
+@register_op_factory("fast_dropout")
+def fast_dropout(match: Match) -> FastDropout:
+    """The replaced ``nn.Dropout``'s probability, 16-bit keep masks on CPU."""
+    module = _whole_module(match, "fast_dropout")
+    if not isinstance(module, nn.Dropout):
+        raise OpError(f"fast_dropout replaces an nn.Dropout, got {type(module).__name__} at {match.sch.path or '<root>'}")
+    return FastDropout.from_dropout(module)
