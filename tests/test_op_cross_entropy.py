@@ -119,11 +119,26 @@ def test_never_allocates_full_logits():
 
 
 @pytest.mark.parametrize("rows, limit, expected", [(2046, 667, 512), (2048, 667, 512), (10, 3, 3), (9, 3, 3),
-                                                   (5, 100, 5), (1, 1, 1)])
+                                                   (5, 100, 5), (1, 1, 1), (0, 8, 1)])
 def test_chunks_are_as_few_as_the_limit_allows_and_equal(rows, limit, expected):
     size = balanced_chunk_size(rows, limit)
     assert size == expected and size <= limit
     assert -(-rows // size) == -(-rows // limit)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_gradient_is_exact_from_the_first_chunk_on_and_zero_without_tokens(dtype):
+    hidden, weight, _, labels = problem(shape=(2, 7))
+    hidden, weight = (t.detach().to(dtype).requires_grad_() for t in (hidden, weight))
+    fused_linear_cross_entropy(hidden, weight, labels, chunk_size=3).backward()
+    want = weight.detach().float().requires_grad_()
+    reference(hidden.detach().float(), want, labels).backward()
+    tol = {} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(weight.grad.float(), want.grad, **tol)
+    empty, w = torch.zeros(0, HIDDEN, requires_grad=True), torch.randn(VOCAB, HIDDEN, requires_grad=True)
+    loss = fused_linear_cross_entropy(empty, w, torch.zeros(0, dtype=torch.long))
+    loss.backward()
+    assert loss.isnan() and torch.equal(w.grad, torch.zeros_like(w))
 
 
 def test_shape_errors_name_the_shapes():
