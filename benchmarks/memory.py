@@ -38,6 +38,7 @@ MEMORY_VARIANTS = ["sdpa", "schedule", "schedule_checkpoint"]
 BASELINE = "sdpa"
 MEMORY_TARGET = 0.5
 COST_TARGET = 0.10
+TARGET_RECIPES = ("gpt2",)
 
 
 def log(message: str) -> None:
@@ -110,22 +111,24 @@ def table(rows: list[dict], cap_mib: float | None) -> str:
 
 
 def targets_text(rows: list[dict]) -> str:
+    """The issue's memory target is the GPT recipe's; other recipes get the same numbers, no verdict."""
     lines = []
     for r in rows:
         if r["variant"] != "schedule_checkpoint":
             continue
         no_ckpt = next(x for x in rows if x["recipe"] == r["recipe"] and x["variant"] == "schedule")
-        memory_ok = r["memory_vs_sdpa"] <= MEMORY_TARGET
         cost = 1 - r["tokens_per_s_vs_sdpa"]
         cost_vs_schedule = 1 - r["tokens_per_s"] / no_ckpt["tokens_per_s"]
         cost_text = f"a cost of {cost:.0%}" if cost > 0 else "no cost"
-        cost_ok = cost <= COST_TARGET
-        lines.append(
-            f"- {r['recipe']} schedule (fused linear+CE) + checkpointing: peak {r['memory_vs_sdpa']:.2f}x HF sdpa "
-            f"(target <= {MEMORY_TARGET}x): {'met' if memory_ok else 'missed'}; "
-            f"tokens/s {r['tokens_per_s_vs_sdpa']:.2f}x HF sdpa, {cost_text} (target <= {COST_TARGET:.0%}): "
-            f"{'met' if cost_ok else 'missed'}; checkpointing itself costs {cost_vs_schedule:.0%} of the "
-            "schedule's tokens/s without it")
+        memory = f"peak {r['memory_vs_sdpa']:.2f}x HF sdpa"
+        speed = f"tokens/s {r['tokens_per_s_vs_sdpa']:.2f}x HF sdpa, {cost_text}"
+        if r["recipe"] in TARGET_RECIPES:
+            memory += f" (target <= {MEMORY_TARGET}x): {'met' if r['memory_vs_sdpa'] <= MEMORY_TARGET else 'missed'}"
+            speed += f" (target <= {COST_TARGET:.0%}): {'met' if cost <= COST_TARGET else 'missed'}"
+        else:
+            speed += " (no target for this recipe)"
+        lines.append(f"- {r['recipe']} schedule (fused linear+CE) + checkpointing: {memory}; {speed}; "
+                     f"checkpointing itself costs {cost_vs_schedule:.0%} of the schedule's tokens/s without it")
     return "\n".join(lines) + "\n"
 
 
