@@ -150,6 +150,7 @@ def bar_chart(path: Path, rows: list[dict], title: str) -> None:
             ax.annotate(f"{r['memory_vs_sdpa']:.2f}x mem\n{r['tokens_per_s_vs_sdpa']:.2f}x tok/s",
                         (i, r["total_mib"]), ha="center", va="bottom", fontsize=8)
         ax.set_xticks(list(x), [r["label"].replace(" + ", "\n+ ").replace(" (", "\n(") for r in mine], fontsize=8)
+        ax.set_ylim(top=1.18 * max(r["total_mib"] for r in mine))
         ax.set_ylabel("peak MiB")
         ax.set_title(f"{recipe}: {mine[0]['model']}", fontsize=9)
         ax.legend(fontsize=7, loc="upper right")

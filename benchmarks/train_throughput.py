@@ -312,6 +312,7 @@ def _bars(ax, labels: list[str], values: list[float], ratios: list[float | None]
             ax.annotate(f"{ratio:.2f}{suffix}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                         ha="center", va="bottom", fontsize=8)
     ax.set_xticks(range(len(values)), labels, fontsize=7)
+    ax.set_ylim(top=1.15 * max(values))
     ax.set_title(title, fontsize=10)
 
 
