@@ -42,6 +42,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from slapo_lightning.op import (  # noqa: E402
+    FastDropout,
     FlashAttentionOp,
     FusedBiasDropoutAddLayerNorm,
     FusedBiasGELU,
@@ -117,6 +118,13 @@ def bias_gelu_case(size: dict, device: str) -> dict[str, Step]:
     }
 
 
+def dropout_case(size: dict, device: str) -> dict[str, Step]:
+    """nn.Dropout (the residual and embedding dropouts of GPT-2 and BERT) vs FastDropout."""
+    x = torch.randn(size["batch"], size["seq"], size["hidden"], device=device, requires_grad=True)
+    reference, op = nn.Dropout(0.1), FastDropout(0.1)
+    return {"reference": _step(lambda: reference(x), [x]), "op": _step(lambda: op(x), [x])}
+
+
 def layer_norm_case(size: dict, device: str) -> dict[str, Step]:
     """LayerNorm(dropout(x + bias) + residual) (BERT output tail) vs FusedBiasDropoutAddLayerNorm."""
     tokens, hidden = size["tokens"], size["hidden"]
@@ -174,6 +182,10 @@ CASES: dict[str, tuple[Callable[[dict, str], dict[str, Step]], dict[str, list[di
     "fused_bias_gelu": (bias_gelu_case, {
         "quick": [dict(tokens=1024, features=3072)],
         "full": [dict(tokens=2048, features=3072)],
+    }),
+    "fast_dropout": (dropout_case, {
+        "quick": [dict(batch=2, seq=512, hidden=512)],
+        "full": [dict(batch=2, seq=1024, hidden=512)],
     }),
     "fused_bias_dropout_add_layer_norm": (layer_norm_case, {
         "quick": [dict(tokens=1024, hidden=768)],

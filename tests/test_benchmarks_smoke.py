@@ -25,6 +25,7 @@ def read_rows(path: Path) -> list[dict]:
         return list(csv.DictReader(rows))
 
 
+@pytest.mark.ci
 def test_train_throughput_quick_writes_its_results(tmp_path):
     run_benchmark("train_throughput.py", tmp_path)
     stem = tmp_path / "train_throughput_quick"
