@@ -7,7 +7,8 @@ gradients, parameter gradients included) and of its reference (the plain PyTorch
 inputs and weights.
 
 * Time: best wall time of the step over several runs after one warm-up run, op and reference
-  interleaved run by run in one process (CUDA: synchronised). The best rather than the median,
+  interleaved run by run in one process (CUDA: synchronised; CPU: freed memory kept for reuse,
+  as the recipes' ``CPUAllocatorCallback`` does). The best rather than the median,
   because load from other processes on a shared machine only ever makes a run slower.
 * Peak memory on CPU: every (case, variant) runs in a fresh Python process. After setup and one
   warm-up step the process resets the kernel's peak-RSS counter (``echo 5 > /proc/self/clear_refs``),
@@ -50,6 +51,7 @@ from slapo_lightning.op import (  # noqa: E402
     FusedQKV,
     fused_linear_cross_entropy,
 )
+from slapo_lightning.lightning.cpu_allocator import retain_freed_memory  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 Step = Callable[[], None]
@@ -257,7 +259,11 @@ def measure_peak(case: str, size: dict, variant: str, device: str) -> float | No
 
 
 def measure_times(case: str, size: dict, device: str, max_rounds: int, budget_s: float) -> dict[str, float]:
-    """Best time (ms) of one step of each variant, after a warm-up step each, in this process."""
+    """Best time (ms) of one step of each variant, after a warm-up step each, in this process; on
+    CPU with freed memory kept for reuse, as the recipes run (else every step's page faults,
+    not the op, would be timed)."""
+    if device == "cpu":
+        retain_freed_memory()
     torch.manual_seed(0)
     steps = CASES[case][0](size, device)
     for step in steps.values():

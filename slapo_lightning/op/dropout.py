@@ -31,6 +31,22 @@ def keep_mask(shape: tuple[int, ...], p: float, device: torch.device) -> tuple[t
     return bits >= dropped_levels - LEVELS // 2, LEVELS / (LEVELS - dropped_levels)
 
 
+class _KeepAndScale(torch.autograd.Function):
+    """x * keep * scale forward and backward, each one product and one in-place scaling (autograd
+    of the two products would hold one more temporary of x's size in backward)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return x.mul(keep).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (keep,) = ctx.saved_tensors
+        return grad.mul(keep).mul_(ctx.scale), None, None
+
+
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """``F.dropout(x, p, training)`` with the 16-bit keep mask on CPU (see the module docstring)."""
     if not training or p == 0.0:
@@ -38,7 +54,7 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     if x.device.type != "cpu" or not 0.0 < p < 1.0 or torch.compiler.is_compiling():
         return F.dropout(x, p, training)
     keep, scale = keep_mask(x.shape, p, x.device)
-    return x * keep * scale
+    return _KeepAndScale.apply(x, keep, scale)
 
 
 @register_op("fast_dropout")
