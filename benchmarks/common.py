@@ -163,10 +163,31 @@ class Trainee:
     disturbed: int = 0
 
 
-def module_class(recipe: str):
-    from slapo_lightning.lightning import CausalLMModule, MaskedLMModule
+@dataclass(frozen=True)
+class Recipe:
+    """What differs between the recipes' models, in one place. ``causal``: next-token prediction
+    on every position (else masked LM); ``blocks``: the transformer blocks (regional compile, FLOPs);
+    ``body_extra`` / ``head_extra``: per-token weights outside the blocks and the tied projection."""
 
-    return {"gpt2": CausalLMModule, "bert": MaskedLMModule}[recipe]
+    module_class: str
+    causal: bool
+    blocks: Callable[[Any], torch.nn.ModuleList]
+    body_extra: Callable[[Any], torch.nn.Module | None]
+    head_extra: Callable[[Any], torch.nn.Module | None]
+
+
+RECIPES = {
+    "gpt2": Recipe("CausalLMModule", True, lambda model: model.transformer.h, lambda model: model.transformer.ln_f,
+                   lambda model: None),
+    "bert": Recipe("MaskedLMModule", False, lambda model: model.bert.encoder.layer, lambda model: None,
+                   lambda model: model.cls.predictions.transform),
+}
+
+
+def module_class(recipe: str):
+    import slapo_lightning.lightning as recipes
+
+    return getattr(recipes, RECIPES[recipe].module_class)
 
 
 def build_module(workload: Workload, attn: str, device: str):
@@ -183,7 +204,7 @@ def make_batch(workload: Workload, device: str) -> dict[str, torch.Tensor]:
     labels are the ids; masked LM: ``mlm_probability`` of the positions are predicted."""
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(1000, workload.vocab_size, (workload.batch, workload.seq), generator=generator)
-    if workload.recipe == "gpt2":
+    if RECIPES[workload.recipe].causal:
         return {"input_ids": ids.to(device), "labels": ids.to(device)}
     predicted = torch.rand(ids.shape, generator=generator) < workload.mlm_probability
     labels = torch.where(predicted, ids, IGNORE_INDEX)
@@ -191,9 +212,8 @@ def make_batch(workload: Workload, device: str) -> dict[str, torch.Tensor]:
     return {"input_ids": masked.to(device), "labels": labels.to(device)}
 
 
-def transformer_blocks(module) -> torch.nn.ModuleList:
-    model = module.model
-    return model.transformer.h if module.model.config.model_type == "gpt2" else model.bert.encoder.layer
+def transformer_blocks(module, recipe: str) -> torch.nn.ModuleList:
+    return RECIPES[recipe].blocks(module.model)
 
 
 def apply_variant(module, workload: Workload, variant: Variant) -> float | None:
@@ -209,7 +229,7 @@ def apply_variant(module, workload: Workload, variant: Variant) -> float | None:
     if variant.compile == "whole":
         module.loss = torch.compile(module.loss)
     elif variant.compile == "regional":
-        blocks = transformer_blocks(module)
+        blocks = transformer_blocks(module, workload.recipe)
         # Every traced block has its own GraphModule class, so dynamo compiles each block once
         # (a type guard): without room for all of them, blocks past the limit would run eagerly.
         torch._dynamo.config.recompile_limit += len(blocks)
@@ -291,22 +311,22 @@ def flops_per_token(workload: Workload, module, head_fraction: float) -> dict[st
     model = module.model
     config = model.config
     hidden, layers = config.hidden_size, config.num_hidden_layers
-    body = transformer_blocks(module)
-    n_body = sum(p.numel() for p in body.parameters())
-    if workload.recipe == "gpt2":
-        n_body += sum(p.numel() for p in model.transformer.ln_f.parameters())
-        n_head = 0
-    else:
-        n_head = sum(p.numel() for p in model.cls.predictions.transform.parameters())
+    parts = RECIPES[workload.recipe]
+    n_body = _parameter_count(parts.blocks(model)) + _parameter_count(parts.body_extra(model))
+    n_head = _parameter_count(parts.head_extra(model))
     attention = 12 * layers * hidden * workload.seq
     head = 6 * (n_head + config.vocab_size * hidden)
     return {"body": 6 * n_body, "attention": attention, "head": head_fraction * head,
             "total": 6 * n_body + attention + head_fraction * head}
 
 
+def _parameter_count(module: torch.nn.Module | None) -> int:
+    return 0 if module is None else sum(p.numel() for p in module.parameters())
+
+
 def head_fraction(workload: Workload, batch: dict[str, torch.Tensor]) -> float:
     """Fraction of the batch's tokens that go through the LM head in the recipe's loss."""
-    if workload.recipe == "gpt2":
+    if RECIPES[workload.recipe].causal:
         return (workload.seq - 1) / workload.seq
     return float((batch["labels"] != IGNORE_INDEX).float().mean())
 
@@ -428,6 +448,7 @@ def clean_step(trainee: Trainee, retries: int = 3) -> float:
             return wall
         trainee.disturbed += 1
     return wall
+
 
 def warm_up(trainees: list[Trainee], steps: int) -> dict[str, float]:
     """``steps`` untimed steps per trainee; returns each one's first-step time (compilation included)."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import os
 import sys
 import time
@@ -47,7 +48,6 @@ ABLATIONS = ["schedule_sdpa_attention", "schedule_unfused_ce"]
 QUICK_VARIANTS = ["eager", "sdpa", "schedule"]
 """``--quick`` leaves the compiled variants out unless named: compiling takes minutes on a CPU."""
 BASELINE = "sdpa"
-GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addmm_", "aten::addbmm")
 TARGETS = {"gpt2": 1.15, "bert": 1.05}
 MFU_TARGET = 0.85
 APPLY_TARGET_S = 2.0
@@ -96,21 +96,19 @@ def add_memory(result: dict, device: str, warmup: int) -> None:
         log(f"  peak memory {name}: total {row['total_mib']:.0f} MiB, step {row['step_mib']:.0f} MiB")
 
 
+GEMM_OPERANDS = {"aten::mm": 0, "aten::addmm": 1, "aten::addmm_": 1, "aten::bmm": 0, "aten::baddbmm": 1,
+                 "aten::addbmm": 1}
+"""Index of each GEMM's first matrix operand among its recorded input shapes (the bias-adding forms
+take the addend first)."""
+
+
 def gemm_flops(name: str, shapes: list) -> int:
-    """FLOPs of one GEMM call from its recorded input shapes (torch's own counter skips addmm_)."""
-    if name == "aten::mm":
-        (m, k), (_, n) = shapes[0], shapes[1]
-        return 2 * m * k * n
-    if name in ("aten::addmm", "aten::addmm_"):
-        (m, k), (_, n) = shapes[1], shapes[2]
-        return 2 * m * k * n
-    if name == "aten::bmm":
-        (b, m, k), (_, _, n) = shapes[0], shapes[1]
-        return 2 * b * m * k * n
-    if name == "aten::baddbmm":
-        (b, m, k), (_, _, n) = shapes[1], shapes[2]
-        return 2 * b * m * k * n
-    return 0
+    """FLOPs of one GEMM call from its recorded input shapes (torch's own counter skips addmm_):
+    2 * batch * m * k * n, batch 1 for the 2-D forms."""
+    first = GEMM_OPERANDS[name]
+    *batch, m, k = shapes[first]
+    n = shapes[first + 1][-1]
+    return 2 * math.prod(batch) * m * k * n
 
 
 def profile_recipe(workload: Workload, variants: list[str], device: str, warmup: int) -> dict[str, dict]:
@@ -128,7 +126,7 @@ def profile_recipe(workload: Workload, variants: list[str], device: str, warmup:
             wall = train_step(trainee)
         by_shape = prof.key_averages(group_by_input_shape=True)
         total_s = sum(getattr(e, attr) for e in by_shape) / 1e6
-        gemms = [e for e in by_shape if e.key in GEMM_OPS]
+        gemms = [e for e in by_shape if e.key in GEMM_OPERANDS]
         gemm_s = sum(getattr(e, attr) for e in gemms) / 1e6
         flops = sum(gemm_flops(e.key, e.input_shapes) * e.count for e in gemms)
         top = sorted(prof.key_averages(), key=lambda e: getattr(e, attr), reverse=True)
@@ -228,7 +226,7 @@ def profile_table(profiles: dict[str, dict[str, dict]], peak_flops: float) -> st
     for recipe, by_variant in profiles.items():
         for name, p in by_variant.items():
             others = ", ".join([f"{k} {t:.2f}" for k, t, _ in p["top_ops"]
-                                if k not in GEMM_OPS and not k.startswith(("autograd::", "Optimizer."))][:5])
+                                if k not in GEMM_OPERANDS and not k.startswith(("autograd::", "Optimizer."))][:5])
             rate = p["gemm_flops_per_s"]
             body.append([recipe, name, fmt(p["profiled_s"], 2), fmt(p["gemm_s"], 2), f"{p['gemm_share']:.0%}",
                          fmt(p["gemm_flops"] / 1e9, 0), fmt(rate and rate / 1e9),

@@ -68,3 +68,20 @@ def test_callback_retains_during_a_cpu_fit_and_releases_after(tmp_path):
     assert probe.active_in_fit is True and allocator.active is False
     page_faults_of_fresh_block()
     assert page_faults_of_fresh_block() > BLOCK // resource.getpagesize() // 2
+
+
+class _Failing(_Tiny):
+    def training_step(self, batch, batch_idx):
+        raise ValueError("broken step")
+
+
+def test_callback_releases_when_the_run_fails(tmp_path):
+    allocator = CPUAllocatorCallback()
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, callbacks=[allocator], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match="broken step"):
+        trainer.fit(_Failing(), torch.utils.data.DataLoader(torch.randn(8, 4), batch_size=4))
+    assert allocator.active is False
+    page_faults_of_fresh_block()
+    assert page_faults_of_fresh_block() > BLOCK // resource.getpagesize() // 2

@@ -66,7 +66,7 @@ def test_masked_loss_equals_transformers_loss():
     loss, tokens = module.loss(batch)
     reference = module.model(**batch).loss
     torch.testing.assert_close(loss, reference)
-    assert tokens == int((batch["labels"] != -100).sum())
+    assert tokens.ndim == 0 and tokens == int((batch["labels"] != -100).sum())
 
 
 @pytest.mark.parametrize("build, plain", [(gpt2, GPT2LMHeadModel), (bert, BertForMaskedLM)])
@@ -165,3 +165,32 @@ def test_export_loads_with_plain_transformers_and_as_pretrained_path(tmp_path, b
 def test_pretrained_path_must_be_a_model_directory(tmp_path):
     with pytest.raises(RecipeError, match="config.json"):
         gpt2(pretrained_path=str(tmp_path))
+
+
+def _one_step_trainer(tmp_path, **kwargs):
+    import lightning.pytorch as pl
+
+    return pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, **kwargs)
+
+
+def _clm_loader():
+    return torch.utils.data.DataLoader([clm_batch(batch=1)[k] for k in ("input_ids",)] * 2, batch_size=None,
+                                       collate_fn=lambda ids: {"input_ids": ids, "labels": ids})
+
+
+def test_mixed_precision_with_clipping_trains_with_the_foreach_adamw(tmp_path):
+    module = gpt2()
+    trainer = _one_step_trainer(tmp_path, precision="bf16-mixed", gradient_clip_val=1.0)
+    trainer.fit(module, _clm_loader())
+    assert trainer.global_step == 1 and not trainer.optimizers[0].defaults["fused"]
+    with pytest.raises(RecipeError, match="model.fused_adamw=true cannot be combined with trainer.gradient_clip_val=1.0"):
+        _one_step_trainer(tmp_path, precision="bf16-mixed", gradient_clip_val=1.0).fit(gpt2(fused_adamw=True), _clm_loader())
+
+
+def test_resumed_optimizer_takes_this_runs_kernel(monkeypatch):
+    monkeypatch.setattr(CausalLMModule, "trainer", _FakeTrainer(), raising=False)
+    saved = train_three_steps(gpt2(fused_adamw=False)).state_dict()
+    resumed = gpt2().configure_optimizers()["optimizer"]
+    resumed.load_state_dict(saved)
+    assert all(group["fused"] and not group["foreach"] for group in resumed.param_groups)

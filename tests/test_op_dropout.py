@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from slapo_lightning import op
-from slapo_lightning.op import FastDropout, OpError, dropout
+from slapo_lightning.op import ATTENTION_BACKENDS
+from slapo_lightning.op import FastDropout, OpError, fast_dropout
 from slapo_lightning.op.dropout import LEVELS
 from slapo_lightning.spec import apply_schedule
 from slapo_lightning.errors import ScheduleError
@@ -14,14 +15,14 @@ from slapo_lightning.errors import ScheduleError
 
 def test_identity_in_eval_or_without_probability():
     x = torch.randn(8, 8)
-    assert dropout(x, 0.3, training=False) is x and dropout(x, 0.0) is x
-    assert torch.equal(dropout(x, 1.0), torch.zeros_like(x))
+    assert fast_dropout(x, 0.3, training=False) is x and fast_dropout(x, 0.0) is x
+    assert torch.equal(fast_dropout(x, 1.0), torch.zeros_like(x))
 
 
 def test_drops_p_of_the_elements_and_keeps_the_expectation():
     torch.manual_seed(0)
     x = torch.ones(1000, 1000)
-    out = dropout(x, 0.1)
+    out = fast_dropout(x, 0.1)
     kept = out != 0
     quantised_p = round(0.1 * LEVELS) / LEVELS
     assert abs(1 - kept.float().mean().item() - quantised_p) < 2e-3
@@ -29,10 +30,28 @@ def test_drops_p_of_the_elements_and_keeps_the_expectation():
     assert abs(out.mean().item() - 1.0) < 3e-3
 
 
+@pytest.mark.parametrize("p", [1 - 2**-18, 2**-18])
+def test_probabilities_too_close_to_0_or_1_to_quantise_use_torch_dropout(p):
+    torch.manual_seed(0)
+    x = torch.ones(4096)
+    out = fast_dropout(x, p)
+    assert ((out == 0) | torch.isclose(out, torch.tensor(1 / (1 - p)))).all()
+    reason = ATTENTION_BACKENDS.get("blocked_dropout").unsupported_reason(x.view(1, 1, 64, 64), None, p, True)
+    assert "steps of 1/65536" in reason
+
+
+def test_bfloat16_keeps_its_dtype_and_gradient():
+    x = torch.randn(32, 32, dtype=torch.bfloat16, requires_grad=True)
+    out = fast_dropout(x, 0.5)
+    out.sum().backward()
+    assert out.dtype == x.grad.dtype == torch.bfloat16
+    assert torch.equal(x.grad != 0, out.detach() != 0) or bool((x.detach() == 0).any())
+
+
 def test_gradient_is_the_same_mask_and_scale():
     torch.manual_seed(1)
     x = torch.randn(64, 33, requires_grad=True)
-    out = dropout(x, 0.25)
+    out = fast_dropout(x, 0.25)
     out.backward(torch.ones_like(out))
     torch.testing.assert_close(x.grad * x.detach(), out.detach())
 
@@ -40,9 +59,9 @@ def test_gradient_is_the_same_mask_and_scale():
 def test_seeded_runs_repeat():
     x = torch.randn(3, 17, 5)
     torch.manual_seed(7)
-    first = dropout(x, 0.5)
+    first = fast_dropout(x, 0.5)
     torch.manual_seed(7)
-    assert torch.equal(first, dropout(x, 0.5))
+    assert torch.equal(first, fast_dropout(x, 0.5))
 
 
 def test_module_takes_over_nn_dropout():
@@ -55,7 +74,7 @@ def test_module_takes_over_nn_dropout():
 
 def test_compiles_to_one_graph():
     x = torch.randn(4, 8, requires_grad=True)
-    out = torch.compile(lambda t: dropout(t, 0.5), backend="eager", fullgraph=True)(x)
+    out = torch.compile(lambda t: fast_dropout(t, 0.5), backend="eager", fullgraph=True)(x)
     assert out.shape == x.shape and ((out == 0) | torch.isclose(out, 2 * x)).all()
 
 

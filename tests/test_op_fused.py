@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from slapo_lightning.op import OPS, FastDropout, FusedBiasDropoutAddLayerNorm, FusedBiasGELU, OpError, dropout
+from slapo_lightning.op import OPS, FastDropout, FusedBiasDropoutAddLayerNorm, FusedBiasGELU, OpError, fast_dropout
 from slapo_lightning.op import compiled, fused
 from slapo_lightning.op.compiled import CompiledOn
 
@@ -62,7 +62,7 @@ def test_bias_gelu_rejects_other_activations():
 
 def reference_ln(x, bias, residual, ln, p, training):
     """The unfused computation, with the op library's dropout (its mask is tested in test_op_dropout)."""
-    return ln(dropout(x + bias, p, training) + residual)
+    return ln(fast_dropout(x + bias, p, training) + residual)
 
 
 def ln_inputs(seed=0):

@@ -24,8 +24,10 @@ M_TRIM_THRESHOLD = -1
 M_TOP_PAD = -2
 M_MMAP_MAX = -4
 GLIBC_DEFAULTS = {M_TRIM_THRESHOLD: 128 * 1024, M_TOP_PAD: 128 * 1024, M_MMAP_MAX: 65536}
-RETAINING = {M_TRIM_THRESHOLD: 2**62, M_TOP_PAD: 64 * 2**20, M_MMAP_MAX: 0}
-"""Never trim the heap, grow it 64 MiB at a time, never serve an allocation with its own mmap."""
+"""glibc's documented starting values (its dynamic thresholds stay off once an option was set)."""
+RETAINING = {M_TRIM_THRESHOLD: 2**31 - 1, M_TOP_PAD: 64 * 2**20, M_MMAP_MAX: 0}
+"""Trim the heap only past 2 GiB of free top, grow it 64 MiB at a time, never serve an allocation
+with its own mmap."""
 
 
 @lru_cache(maxsize=1)
@@ -39,11 +41,12 @@ def _glibc():
 
 
 def _set(options: dict[int, int]) -> bool:
+    """Sets every option (even after one fails, so that a later reset covers them all)."""
     libc = _glibc()
     if libc is None:
         return False
-    return all(libc.mallopt(ctypes.c_int(option), ctypes.c_int(min(value, 2**31 - 1))) == 1
-               for option, value in options.items())
+    results = [libc.mallopt(ctypes.c_int(option), ctypes.c_int(value)) for option, value in options.items()]
+    return all(result == 1 for result in results)
 
 
 def retain_freed_memory() -> bool:
@@ -52,7 +55,8 @@ def retain_freed_memory() -> bool:
 
 
 def release_freed_memory() -> bool:
-    """Back to glibc's defaults, and hand the retained free memory back to the system."""
+    """glibc's default values again (its dynamic thresholds and any ``MALLOC_*_`` environment
+    settings are not restored), and the retained free memory handed back to the system."""
     if not _set(GLIBC_DEFAULTS):
         return False
     _glibc().malloc_trim(ctypes.c_size_t(0))
@@ -60,7 +64,8 @@ def release_freed_memory() -> bool:
 
 
 class CPUAllocatorCallback(pl.Callback):
-    """Retains freed memory while a CPU run fits, validates or tests; releases it at teardown.
+    """Retains freed memory while a CPU run fits, validates or tests; releases it at teardown or
+    when the run fails.
 
     Does nothing on GPU runs (the CUDA caching allocator already reuses memory) and off glibc.
     """
@@ -70,9 +75,17 @@ class CPUAllocatorCallback(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if trainer.strategy.root_device.type == "cpu" and not self.active:
-            self.active = retain_freed_memory()
+            self.active = True
+            if not retain_freed_memory():
+                self._release()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._release()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._release()
+
+    def _release(self) -> None:
         if self.active:
             release_freed_memory()
             self.active = False

@@ -1,11 +1,13 @@
 """What the masked- and causal-LM LightningModules share: model construction, optimisation, logging."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Mapping
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
 from torchmetrics import MeanMetric
 from transformers import PretrainedConfig, PreTrainedModel, get_cosine_with_min_lr_schedule_with_warmup
 
@@ -17,7 +19,8 @@ from .throughput import forward_flops_per_token
 
 FUSED_ADAMW_DEVICES = ("cpu", "cuda")
 """Where ``fused_adamw=None`` picks torch's fused AdamW kernel: one pass over each parameter
-instead of a chain of foreach ops (3x faster on CPU for GPT-2's 40 M parameters, BENCHMARKS.md)."""
+instead of a chain of foreach ops (3x faster on CPU for the 40 M parameters of the benchmarks'
+4-layer GPT-2, BENCHMARKS.md)."""
 
 
 class LanguageModelModule(pl.LightningModule):
@@ -110,9 +113,9 @@ class LanguageModelModule(pl.LightningModule):
             {"params": [p for p in params if p.ndim >= 2], "weight_decay": hp.weight_decay},
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
         ]
-        fused = hp.get("fused_adamw")
-        fused = all(p.device.type in FUSED_ADAMW_DEVICES for p in params) if fused is None else fused
+        fused = self._fused_adamw(params)
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), fused=fused)
+        optimizer.register_load_state_dict_post_hook(functools.partial(_set_fused, fused=fused))
         total = self.trainer.estimated_stepping_batches
         if not math.isfinite(total):
             raise RecipeError("trainer.max_steps (or trainer.max_epochs) must be set for the learning-rate schedule")
@@ -121,3 +124,28 @@ class LanguageModelModule(pl.LightningModule):
             min_lr_rate=hp.min_lr_ratio,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _fused_adamw(self, params: list[torch.nn.Parameter]) -> bool:
+        """``fused_adamw`` if set, else fused where the device has the kernel, unless Lightning is to
+        clip gradients under mixed precision: it refuses to clip an optimizer that unscales itself."""
+        clips_mixed = bool(getattr(self.trainer, "gradient_clip_val", None)) and isinstance(
+            getattr(self.trainer, "precision_plugin", None), MixedPrecision
+        )
+        choice = self.hparams.get("fused_adamw")
+        if choice and clips_mixed:
+            raise RecipeError(
+                f"model.fused_adamw=true cannot be combined with trainer.gradient_clip_val="
+                f"{self.trainer.gradient_clip_val} under {self.trainer.precision} precision (Lightning does not clip "
+                "fused optimizers there); set model.fused_adamw=null or trainer.gradient_clip_val=null"
+            )
+        if choice is not None:
+            return bool(choice)
+        return not clips_mixed and all(p.device.type in FUSED_ADAMW_DEVICES for p in params)
+
+
+def _set_fused(optimizer: torch.optim.Optimizer, fused: bool) -> None:
+    """After a checkpoint's optimizer state is loaded: its param groups carry the ``fused`` flag of
+    the run that saved them; the kernel is this run's choice."""
+    for group in optimizer.param_groups:
+        group["fused"] = fused
+        group["foreach"] = None if fused else group.get("foreach")

@@ -30,4 +30,4 @@ class MaskedLMModule(LanguageModelModule):
         head = self.model.cls.predictions
         hidden = head.transform(hidden[predicted])
         loss = self.model.lm_loss(hidden, head.decoder.weight, labels[predicted], head.decoder.bias)
-        return loss, int(predicted.sum())
+        return loss, predicted.sum()

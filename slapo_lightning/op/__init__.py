@@ -7,8 +7,8 @@ registered in ``OPS`` under a snake_case name (``list_ops()``), so schedule spec
 from . import attention
 from .attention import FlashAttentionOp
 from .attention_backends import ATTENTION_BACKENDS
-from .dropout import FastDropout, dropout
 from .cross_entropy import FusedLinearCrossEntropy, fused_linear_cross_entropy
+from .dropout import FastDropout, fast_dropout
 from .errors import OpError
 from .fused import FusedBiasDropoutAddLayerNorm, FusedBiasGELU, bias_dropout_add_layer_norm, bias_gelu
 from .linear import LinearWithSeparateBias
@@ -31,7 +31,7 @@ __all__ = [
     "attention",
     "bias_dropout_add_layer_norm",
     "bias_gelu",
-    "dropout",
+    "fast_dropout",
     "fused_linear_cross_entropy",
     "list_ops",
     "register_op",

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from ..registry import Registry
 from .blocked_attention import blocked_attention
+from .dropout import quantisable
 
 ATTENTION_BACKENDS: Registry = Registry("attention backend")
 
@@ -157,8 +158,9 @@ class BlockedDropoutBackend(AttentionBackend):
     def unsupported_input(self, q, mask, dropout_p, causal):
         if mask is not None:
             return "it takes no mask besides causality"
-        if not 0.0 < dropout_p < 1.0:
-            return f"it is for dropout in (0, 1), got {dropout_p} (sdpa's flash kernel runs attention without dropout)"
+        if not quantisable(dropout_p):
+            return (f"it is for dropout in (0, 1) in steps of 1/65536, got {dropout_p} (sdpa's flash kernel runs "
+                    "attention without dropout)")
         if torch.compiler.is_compiling():
             return "under torch.compile sdpa is traced and fused by the compiler instead"
         return None

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .compiled import compiled_on_cuda
-from .dropout import dropout
+from .dropout import fast_dropout
 from .errors import OpError
 from .registry import register_op
 
@@ -86,7 +86,7 @@ def bias_dropout_add_layer_norm(
 ) -> torch.Tensor:
     """layer_norm(dropout(x + bias) + residual)."""
     hidden = x if bias is None else x + bias
-    hidden = dropout(hidden, p, training)
+    hidden = fast_dropout(hidden, p, training)
     return F.layer_norm(hidden + residual, normalized_shape, weight, ln_bias, eps)
 
 

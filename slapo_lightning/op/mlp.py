@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .amp import autocast_inputs, autocast_off
-from .dropout import dropout
+from .dropout import fast_dropout
 from .errors import OpError
 from .fused import check_gelu_approximate, gelu_approximate_for
 from .registry import register_op
@@ -136,7 +136,7 @@ class FusedMLP(nn.Module):
         with autocast_off(device_type):
             out = _RecomputingMLP.apply(*tensors, self.approximate, self.conv1d_layout)
         out = out.view(*hidden_states.shape[:-1], out.shape[-1])
-        return dropout(out, self.dropout_p, self.training)
+        return fast_dropout(out, self.dropout_p, self.training)
 
     def extra_repr(self) -> str:
         return f"approximate={self.approximate!r}, dropout_p={self.dropout_p}, conv1d_layout={self.conv1d_layout}"

@@ -147,7 +147,6 @@ def linear_with_separate_bias(match: Match) -> LinearWithSeparateBias:
     return LinearWithSeparateBias.from_linear(module)
 
 
-
 @register_op_factory("fast_dropout")
 def fast_dropout(match: Match) -> FastDropout:
     """The replaced ``nn.Dropout``'s probability, 16-bit keep masks on CPU."""
