@@ -9,6 +9,7 @@ import torch
 import slapo_lightning.op.blocked_attention as blocked
 from slapo_lightning.op import FlashAttentionOp
 from slapo_lightning.op.attention_backends import ATTENTION_BACKENDS
+from slapo_lightning.op.dropout import keep_scale
 
 BATCH, HEADS, DIM = 2, 3, 8
 
@@ -36,7 +37,7 @@ def fixed_masks(monkeypatch, keep):
     def keep_mask(shape, p, device):
         start = rows_taken[0]
         rows_taken[0] += shape[-2]
-        return keep[..., start:start + shape[-2], :shape[-1]], 1 / (1 - p)
+        return keep[..., start:start + shape[-2], :shape[-1]].clone(), keep_scale(p)
 
     monkeypatch.setattr(blocked, "keep_mask", keep_mask)
 
@@ -49,7 +50,7 @@ def test_matches_reference_forward_and_backward(monkeypatch, q_len, k_len, causa
     keep = torch.rand(BATCH, HEADS, q_len, k_len, generator=torch.Generator().manual_seed(1)) > 0.3
     fixed_masks(monkeypatch, keep)
     out = blocked.blocked_attention(q, k, v, 0.3, causal, scale=0.4)
-    want = reference(q, k, v, keep, 1 / 0.7, 0.4, causal)
+    want = reference(q, k, v, keep, keep_scale(0.3), 0.4, causal)
     torch.testing.assert_close(out, want)
     upstream = torch.randn_like(want)
     got, expected = (torch.autograd.grad(result, [q, k, v], upstream) for result in (out, want))
@@ -87,11 +88,27 @@ def test_auto_uses_it_for_dropout_without_mask_on_cpu():
         assert op.select_backend(q.bfloat16(), None, 0.1).name == "sdpa"
 
 
-def test_not_used_inside_torch_compile(monkeypatch):
-    q, _, _ = (t.detach().float() for t in inputs(6, 6))
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    reason = ATTENTION_BACKENDS.get("blocked_dropout").unsupported_reason(q, None, 0.1, True)
-    assert reason is not None and "torch.compile" in reason
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "plain"])
+def test_runs_as_one_opaque_op_inside_torch_compile(causal):
+    """Compiled (one graph) and eager draw the same masks from the same seed: same output and grads."""
+    q, k, v = (t.detach().float().requires_grad_() for t in inputs(70, 70))
+    op = FlashAttentionOp(apply_causal_mask=causal).train()
+    assert op.select_backend(q, None, 0.1).name == "blocked_dropout"
+    results = []
+    for run in (op, torch.compile(op, backend="aot_eager", fullgraph=True)):
+        torch.manual_seed(3)
+        out = run(q, k, v, p=0.1)
+        results.append((out, *torch.autograd.grad(out.square().sum(), [q, k, v])))
+    for compiled, eager in zip(*results):
+        torch.testing.assert_close(compiled, eager)
+
+
+def test_dynamic_compile_runs_for_each_length():
+    op = FlashAttentionOp(apply_causal_mask=True).train()
+    compiled = torch.compile(op, backend="aot_eager", dynamic=True, fullgraph=True)
+    for length in (6, 9):
+        q, k, v = (t.detach().float() for t in inputs(length, length))
+        assert compiled(q, k, v, p=0.1).isfinite().all()
 
 
 def test_longer_queries_than_keys_run_on_sdpa():

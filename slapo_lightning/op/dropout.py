@@ -24,11 +24,15 @@ LEVELS = 1 << 16
 def keep_mask(shape: tuple[int, ...], p: float, device: torch.device) -> tuple[torch.Tensor, float]:
     """Bool mask (True = keep) with drop probability ``p`` quantised to 1/65536, and the scale
     (1 / keep probability) that keeps the expectation."""
-    dropped_levels = round(p * LEVELS)
     n = math.prod(shape)
     words = torch.randint(-(1 << 63), (1 << 63) - 1, (-(-n // 4),), dtype=torch.int64, device=device)
     bits = words.view(torch.int16)[:n].view(shape)
-    return bits >= dropped_levels - LEVELS // 2, LEVELS / (LEVELS - dropped_levels)
+    return bits >= round(p * LEVELS) - LEVELS // 2, keep_scale(p)
+
+
+def keep_scale(p: float) -> float:
+    """1 / keep probability of ``p`` quantised to 1/65536: kept elements are scaled by it."""
+    return LEVELS / (LEVELS - round(p * LEVELS))
 
 
 class _KeepAndScale(torch.autograd.Function):
