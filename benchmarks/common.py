@@ -20,6 +20,7 @@ so that one variant's freed-but-resident memory never counts for another:
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
 import json
@@ -490,6 +491,36 @@ def configure_allocator(device: str, mode: str) -> str:
     return "retain freed memory (mallopt)" if retain_freed_memory() else "default (mallopt unavailable)"
 
 
+# -- command line ---------------------------------------------------------------------------------
+
+def add_common_arguments(parser: argparse.ArgumentParser, default_rounds: int) -> None:
+    """The options every training benchmark takes."""
+    parser.add_argument("--quick", action="store_true", help="tiny models, few steps: a smoke run (preset quick)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="default: gpu with CUDA, else cpu")
+    parser.add_argument("--recipes", nargs="+", choices=sorted(RECIPES), default=["gpt2", "bert"])
+    parser.add_argument("--batch", type=int, help="override the preset's batch size for every recipe")
+    parser.add_argument("--rounds", type=int, help=f"timed steps per variant (default {default_rounds}, quick 2)")
+    parser.add_argument("--warmup", type=int, help="warm-up steps per variant (default 2, quick 1)")
+    parser.add_argument("--allocator", choices=ALLOCATORS, default="retain",
+                        help="CPU: keep freed memory for reuse, as the recipes do (default), or glibc's default")
+    parser.add_argument("--tag", default="", help="suffix of the result files")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="directory for the result files")
+
+
+def settle_common_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, default_rounds: int) -> None:
+    """Preset, device, rounds and warm-up from what was given (``--quick``: tiny models, 2 rounds)."""
+    args.preset = "quick" if args.quick else args.preset or ("gpu" if torch.cuda.is_available() else "cpu")
+    if args.preset == "gpu" and not torch.cuda.is_available():
+        parser.error("--preset gpu needs a CUDA GPU")
+    args.device = "cuda" if args.preset == "gpu" else "cpu"
+    args.rounds = args.rounds or (2 if args.quick else default_rounds)
+    args.warmup = args.warmup or (1 if args.quick else 2)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 # -- machine and output ---------------------------------------------------------------------------
 
 def cpu_model() -> str:
@@ -534,6 +565,25 @@ def machine_info(device: str) -> dict[str, Any]:
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+@contextlib.contextmanager
+def figure_per_recipe(path: Path, rows: list[dict], title: str, panels: int, size: tuple[float, float]):
+    """A matplotlib (Agg) figure with a column of ``panels`` axes per recipe of ``rows``, saved to
+    ``path`` on exit; yields ``(recipe, the recipe's rows, its axes top to bottom)`` per column."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recipes = list(dict.fromkeys(r["recipe"] for r in rows))
+    fig, axes = plt.subplots(panels, len(recipes), figsize=(size[0] * len(recipes), size[1]), squeeze=False)
+    yield [(recipe, [r for r in rows if r["recipe"] == recipe], [axes[i][col] for i in range(panels)])
+           for col, recipe in enumerate(recipes)]
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def markdown_table(columns: list[str], rows: list[list[str]], right_from: int = 1) -> str:

@@ -30,19 +30,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
-    ALLOCATORS, PRESETS, RESULTS, VARIANTS, Workload, build_trainee, configure_allocator, fmt, machine_info,
-    markdown_table, median, other_busy_processes, peak_in_fresh_process, timed_rounds, warm_up, write_csv, write_json,
+    PRESETS, VARIANTS, Workload, add_common_arguments, build_trainee, configure_allocator, figure_per_recipe, fmt, log, machine_info,
+    markdown_table, median, other_busy_processes, peak_in_fresh_process, settle_common_arguments, timed_rounds,
+    warm_up, write_csv, write_json,
 )
 
 MEMORY_VARIANTS = ["sdpa", "schedule", "schedule_checkpoint"]
 BASELINE = "sdpa"
 MEMORY_TARGET = 0.5
 COST_TARGET = 0.10
+DEFAULT_ROUNDS = 5
 TARGET_RECIPES = ("gpt2",)
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def throughput(workload: Workload, device: str, warmup: int, rounds: int) -> dict[str, float]:
@@ -133,53 +131,28 @@ def targets_text(rows: list[dict]) -> str:
 
 
 def bar_chart(path: Path, rows: list[dict], title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    recipes = list(dict.fromkeys(r["recipe"] for r in rows))
-    fig, axes = plt.subplots(1, len(recipes), figsize=(5.5 * len(recipes), 4), squeeze=False)
-    for ax, recipe in zip(axes[0], recipes):
-        mine = [r for r in rows if r["recipe"] == recipe]
-        x = range(len(mine))
-        resident = [r["total_mib"] - r["step_mib"] for r in mine]
-        ax.bar(x, resident, color="#bbb", label="weights + AdamW state")
-        ax.bar(x, [r["step_mib"] for r in mine], bottom=resident, color="#d84", label="step (activations, grads)")
-        for i, r in enumerate(mine):
-            ax.annotate(f"{r['memory_vs_sdpa']:.2f}x mem\n{r['tokens_per_s_vs_sdpa']:.2f}x tok/s",
-                        (i, r["total_mib"]), ha="center", va="bottom", fontsize=8)
-        ax.set_xticks(list(x), [r["label"].replace(" + ", "\n+ ").replace(" (", "\n(") for r in mine], fontsize=8)
-        ax.set_ylim(top=1.18 * max(r["total_mib"] for r in mine))
-        ax.set_ylabel("peak MiB")
-        ax.set_title(f"{recipe}: {mine[0]['model']}", fontsize=9)
-        ax.legend(fontsize=7, loc="upper right")
-    fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure_per_recipe(path, rows, title, panels=1, size=(5.5, 4)) as columns:
+        for recipe, mine, (ax,) in columns:
+            x = range(len(mine))
+            resident = [r["total_mib"] - r["step_mib"] for r in mine]
+            ax.bar(x, resident, color="#bbb", label="weights + AdamW state")
+            ax.bar(x, [r["step_mib"] for r in mine], bottom=resident, color="#d84", label="step (activations, grads)")
+            for i, r in enumerate(mine):
+                ax.annotate(f"{r['memory_vs_sdpa']:.2f}x mem\n{r['tokens_per_s_vs_sdpa']:.2f}x tok/s",
+                            (i, r["total_mib"]), ha="center", va="bottom", fontsize=8)
+            ax.set_xticks(list(x), [r["label"].replace(" + ", "\n+ ").replace(" (", "\n(") for r in mine], fontsize=8)
+            ax.set_ylim(top=1.18 * max(r["total_mib"] for r in mine))
+            ax.set_ylabel("peak MiB")
+            ax.set_title(f"{recipe}: {mine[0]['model']}", fontsize=9)
+            ax.legend(fontsize=7, loc="upper right")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny models, few steps: a smoke run (preset quick)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="default: gpu with CUDA, else cpu")
-    parser.add_argument("--recipes", nargs="+", choices=["gpt2", "bert"], default=["gpt2", "bert"])
-    parser.add_argument("--batch", type=int, help="override the preset's batch size for every recipe")
-    parser.add_argument("--rounds", type=int, help="timed steps per variant (default 5, quick 2)")
-    parser.add_argument("--warmup", type=int, help="warm-up steps per variant (default 2, quick 1)")
+    add_common_arguments(parser, DEFAULT_ROUNDS)
     parser.add_argument("--cap-mib", type=float, help="also find the largest batch whose total peak fits this cap")
-    parser.add_argument("--allocator", choices=ALLOCATORS, default="retain",
-                        help="CPU: keep freed memory for reuse, as the recipes do (default), or glibc's default")
-    parser.add_argument("--tag", default="", help="suffix of the result files")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="directory for the result files")
     args = parser.parse_args(argv)
-    args.preset = "quick" if args.quick else args.preset or ("gpu" if torch.cuda.is_available() else "cpu")
-    if args.preset == "gpu" and not torch.cuda.is_available():
-        parser.error("--preset gpu needs a CUDA GPU")
-    args.device = "cuda" if args.preset == "gpu" else "cpu"
-    args.rounds = args.rounds or (2 if args.quick else 5)
-    args.warmup = args.warmup or (1 if args.quick else 2)
+    settle_common_arguments(parser, args, DEFAULT_ROUNDS)
     return args
 
 

@@ -37,9 +37,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
-    ALLOCATORS, PRESETS, RESULTS, VARIANTS, Trainee, Workload, build_trainee, configure_allocator, eval_loss,
-    flops_per_token, fmt, head_fraction, machine_info, markdown_table, matmul_peak_flops, median, other_busy_processes,
-    peak_in_fresh_process, timed_rounds, train_step, warm_up, write_csv, write_json,
+    PRESETS, VARIANTS, Trainee, Workload, add_common_arguments, build_trainee, configure_allocator, eval_loss,
+    figure_per_recipe, flops_per_token, fmt, head_fraction, log, machine_info, markdown_table, matmul_peak_flops,
+    median, other_busy_processes, peak_in_fresh_process, settle_common_arguments, timed_rounds, train_step, warm_up,
+    write_csv, write_json,
 )
 
 THROUGHPUT_VARIANTS = ["eager", "sdpa", "compile", "schedule", "schedule_regional"]
@@ -51,10 +52,7 @@ BASELINE = "sdpa"
 TARGETS = {"gpt2": 1.15, "bert": 1.05}
 MFU_TARGET = 0.85
 APPLY_TARGET_S = 2.0
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+DEFAULT_ROUNDS = 7
 
 
 # -- one recipe -----------------------------------------------------------------------------------
@@ -279,27 +277,16 @@ def mfu_bound_text(results: list[dict], profiles: dict[str, dict[str, dict]], pe
 
 
 def bar_chart(path: Path, rows: list[dict], title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    recipes = list(dict.fromkeys(r["recipe"] for r in rows))
-    fig, axes = plt.subplots(2, len(recipes), figsize=(6 * len(recipes), 7), squeeze=False)
-    for col, recipe in enumerate(recipes):
-        mine = [r for r in rows if r["recipe"] == recipe]
-        labels = [r["label"].replace(" + ", "\n+ ").replace(" (", "\n(") for r in mine]
-        _bars(axes[0][col], labels, [r["tokens_per_s"] for r in mine], [r["speedup_vs_sdpa"] for r in mine],
-              f"{recipe}: tokens/s", "x")
-        if all(r["total_peak_mib"] is not None for r in mine):
-            _bars(axes[1][col], labels, [r["total_peak_mib"] for r in mine], [r["memory_vs_sdpa"] for r in mine],
-                  f"{recipe}: peak memory MiB", "x")
-        else:
-            axes[1][col].axis("off")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure_per_recipe(path, rows, title, panels=2, size=(6, 7)) as columns:
+        for recipe, mine, (speed_ax, memory_ax) in columns:
+            labels = [r["label"].replace(" + ", "\n+ ").replace(" (", "\n(") for r in mine]
+            _bars(speed_ax, labels, [r["tokens_per_s"] for r in mine], [r["speedup_vs_sdpa"] for r in mine],
+                  f"{recipe}: tokens/s", "x")
+            if all(r["total_peak_mib"] is not None for r in mine):
+                _bars(memory_ax, labels, [r["total_peak_mib"] for r in mine], [r["memory_vs_sdpa"] for r in mine],
+                      f"{recipe}: peak memory MiB", "x")
+            else:
+                memory_ax.axis("off")
 
 
 def _bars(ax, labels: list[str], values: list[float], ratios: list[float | None], title: str, suffix: str) -> None:
@@ -318,33 +305,19 @@ def _bars(ax, labels: list[str], values: list[float], ratios: list[float | None]
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny models, few steps: a smoke run (preset quick)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), help="default: gpu with CUDA, else cpu")
-    parser.add_argument("--recipes", nargs="+", choices=["gpt2", "bert"], default=["gpt2", "bert"])
+    add_common_arguments(parser, DEFAULT_ROUNDS)
     parser.add_argument("--ablations", action="store_true", help=f"add the variants {', '.join(ABLATIONS)}")
     parser.add_argument("--variants", nargs="+", choices=THROUGHPUT_VARIANTS + ABLATIONS,
                         help=f"default: all ({', '.join(THROUGHPUT_VARIANTS)}); --quick: {', '.join(QUICK_VARIANTS)}")
-    parser.add_argument("--batch", type=int, help="override the preset's batch size for every recipe")
-    parser.add_argument("--rounds", type=int, help="timed steps per variant (default 7, quick 2)")
-    parser.add_argument("--warmup", type=int, help="warm-up steps per variant (default 2, quick 1)")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-variant peak-memory processes")
     parser.add_argument("--no-apply-timing", action="store_true", help="skip the BERT-large apply_schedule timing")
     parser.add_argument("--profile", action="store_true", help="also profile one step per variant")
-    parser.add_argument("--allocator", choices=ALLOCATORS, default="retain",
-                        help="CPU: keep freed memory for reuse, as the recipes do (default), or glibc's default")
-    parser.add_argument("--tag", default="", help="suffix of the result files")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="directory for the result files")
     args = parser.parse_args(argv)
     args.variants = args.variants or (QUICK_VARIANTS if args.quick else THROUGHPUT_VARIANTS)
     args.variants += [a for a in ABLATIONS if args.ablations and a not in args.variants]
     if BASELINE not in args.variants:
         parser.error(f"--variants must include the baseline {BASELINE!r}")
-    args.preset = "quick" if args.quick else args.preset or ("gpu" if torch.cuda.is_available() else "cpu")
-    if args.preset == "gpu" and not torch.cuda.is_available():
-        parser.error("--preset gpu needs a CUDA GPU")
-    args.device = "cuda" if args.preset == "gpu" else "cpu"
-    args.rounds = args.rounds or (2 if args.quick else 7)
-    args.warmup = args.warmup or (1 if args.quick else 2)
+    settle_common_arguments(parser, args, DEFAULT_ROUNDS)
     return args
 
 

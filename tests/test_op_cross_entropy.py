@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from slapo_lightning.op import OPS, FusedLinearCrossEntropy, OpError, fused_linear_cross_entropy
-from slapo_lightning.op.cross_entropy import ROW_ALIGNMENT, balanced_chunk_size, default_chunk_size
+from slapo_lightning.op.cross_entropy import LOGITS_PER_CHUNK, ROW_ALIGNMENT, balanced_chunk_size, default_chunk_size
 from tensor_probe import LargestTensor
 
 TOL = dict(atol=1e-6, rtol=1e-5)
@@ -115,7 +115,7 @@ def test_never_allocates_full_logits():
     assert balanced_chunk_size(tokens, 8) == 8
     aligned_vocab = -(-VOCAB // ROW_ALIGNMENT) * ROW_ALIGNMENT  # one chunk of logits, rows aligned
     assert chunked == max(8 * aligned_vocab, VOCAB * HIDDEN, tokens * HIDDEN)
-    assert default_chunk_size(50257) * 50257 <= 1 << 25 and default_chunk_size(10**9) == 1
+    assert default_chunk_size(50257) * 50257 <= LOGITS_PER_CHUNK and default_chunk_size(10**9) == 1
 
 
 @pytest.mark.parametrize("rows, limit, expected", [(2046, 667, 512), (2048, 667, 512), (10, 3, 3), (9, 3, 3),
