@@ -29,6 +29,7 @@ import gc
 import math
 import os
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -279,7 +280,7 @@ def mfu_bound_text(results: list[dict], profiles: dict[str, dict[str, dict]], pe
 def bar_chart(path: Path, rows: list[dict], title: str) -> None:
     with figure_per_recipe(path, rows, title, panels=2, size=(6, 7)) as columns:
         for recipe, mine, (speed_ax, memory_ax) in columns:
-            labels = [r["label"].replace(" + ", "\n+ ").replace(" (", "\n(") for r in mine]
+            labels = [textwrap.fill(r["label"], 13) for r in mine]
             _bars(speed_ax, labels, [r["tokens_per_s"] for r in mine], [r["speedup_vs_sdpa"] for r in mine],
                   f"{recipe}: tokens/s", "x")
             if all(r["total_peak_mib"] is not None for r in mine):
