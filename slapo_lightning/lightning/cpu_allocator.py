@@ -3,8 +3,8 @@
 glibc serves every allocation above its mmap threshold (at most 32 MiB) with a fresh ``mmap`` and
 unmaps it on free. A training step allocates the same large buffers every time (GPT-2's embedding
 gradient and AdamW temporaries are 100 MiB each), so on CPU every step touches them anew page by
-page: measured on 2 cores, 8% of a GPT-2 training step was page faults, and element-wise ops such
-as GELU ran 4x slower than on warm memory (BENCHMARKS.md). Turning ``mmap`` off and raising the
+page: measured on 2 cores, a scheduled GPT-2 step took 3.04-3.10 s with them and 2.72-2.78 s
+without, and element-wise ops such as GELU ran 4x slower than on warm memory (BENCHMARKS.md). Turning ``mmap`` off and raising the
 trim threshold makes freed blocks stay in the heap and be reused, which is what a caching
 allocator does on CUDA. The cost: the process's resident memory stays at its high-water mark until
 :func:`release_freed_memory`.

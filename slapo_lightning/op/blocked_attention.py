@@ -10,7 +10,7 @@ tensors.
 
 Dropout draws 16 random bits per entry (``dropout.keep_mask``): the drop probability is ``p``
 quantised to 1/65536 and the output's expectation is exactly the attention without dropout.
-Drawing 16-bit words is about 4x faster than ``bernoulli_``, which dominated the attention time.
+Drawing 16-bit words is about 3x faster than ``bernoulli_``, which dominated the attention time.
 """
 from __future__ import annotations
 
