@@ -9,12 +9,13 @@ from .attention import FlashAttentionOp
 from .attention_backends import ATTENTION_BACKENDS
 from .cross_entropy import FusedLinearCrossEntropy, fused_linear_cross_entropy
 from .dropout import FastDropout, fast_dropout
-from .errors import OpError
+from ..errors import OpError
 from .fused import FusedBiasDropoutAddLayerNorm, FusedBiasGELU, bias_dropout_add_layer_norm, bias_gelu
 from .linear import LinearWithSeparateBias
 from .mlp import FusedMLP
 from .qkv import FusedQKV
 from .registry import OPS, list_ops, register_op
+from .rms_norm import RMSNorm, rms_norm
 
 __all__ = [
     "ATTENTION_BACKENDS",
@@ -28,6 +29,7 @@ __all__ = [
     "FusedQKV",
     "LinearWithSeparateBias",
     "OpError",
+    "RMSNorm",
     "attention",
     "bias_dropout_add_layer_norm",
     "bias_gelu",
@@ -35,4 +37,5 @@ __all__ = [
     "fused_linear_cross_entropy",
     "list_ops",
     "register_op",
+    "rms_norm",
 ]
