@@ -18,6 +18,16 @@ def closest(name: str, candidates: Iterable[str], n: int = 5) -> list[str]:
     return found
 
 
+def unknown(what: str, name: object, valid: Iterable[object], *, did_you_mean: bool = True, more: str = "") -> str:
+    """The one wording of "that name does not exist": ``unknown <what> <name!r> (did you mean ...?);
+    valid: a, b, c`` (``(none)`` for an empty set; ``more`` is appended to the list, e.g. "or an import path")."""
+    names = [str(v) for v in valid]
+    hint = closest(str(name), names) if did_you_mean else []
+    guess = f" (did you mean {', '.join(map(repr, hint))}?)" if hint else ""
+    listed = ", ".join(names) or "(none)"
+    return f"unknown {what} {name!r}{guess}; valid: {listed}{' ' + more if more else ''}"
+
+
 class ScheduleError(Exception):
     """Base class of every error slapo_lightning raises on bad input or a failed schedule step."""
 

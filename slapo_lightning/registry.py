@@ -1,9 +1,9 @@
 """A name -> object registry shared by primitives, ops, patterns and attention backends."""
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, TypeVar
+from typing import Generic, Iterator, TypeVar
 
-from .errors import RegistryError, closest
+from .errors import RegistryError, unknown
 
 T = TypeVar("T")
 
@@ -30,11 +30,7 @@ class Registry(Generic[T]):
         try:
             return self._items[name]
         except KeyError:
-            hint = closest(name, self._items)
-            did_you_mean = f" (did you mean {', '.join(map(repr, hint))}?)" if hint else ""
-            raise RegistryError(
-                f"unknown {self.kind} {name!r}{did_you_mean}; valid: {', '.join(sorted(self._items))}"
-            ) from None
+            raise RegistryError(unknown(self.kind, name, sorted(self._items))) from None
 
     def __contains__(self, name: str) -> bool:
         return name in self._items
@@ -64,5 +60,3 @@ def import_object(path: str) -> object:
     except (ImportError, AttributeError, ValueError) as exc:
         raise RegistryError(f"cannot import {path!r}: {exc}") from None
 
-
-Factory = Callable[..., object]

@@ -6,7 +6,7 @@ import random
 import pytest
 
 from slapo_lightning.data.corpus import Document, expand_paths, load_documents, split_documents, stdlib_files
-from slapo_lightning.lightning.errors import RecipeError
+from slapo_lightning.errors import RecipeError
 
 
 def make_docs(n: int = 40) -> list[Document]:

@@ -5,7 +5,7 @@ import pytest
 
 from slapo_lightning.data.corpus import stdlib_files
 from slapo_lightning.data.tokenizer import load_tokenizer, train_or_load_tokenizer
-from slapo_lightning.lightning.errors import RecipeError
+from slapo_lightning.errors import RecipeError
 
 TEXTS = [p.read_text(encoding="utf-8") for p in stdlib_files()[:6]]
 

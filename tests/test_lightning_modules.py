@@ -10,7 +10,7 @@ from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadMode
 
 from slapo_lightning.lightning import CausalLMModule, LMHeadLoss, MaskedLMModule, export_pretrained
 from slapo_lightning import configs
-from slapo_lightning.lightning.errors import RecipeError
+from slapo_lightning.errors import RecipeError
 from slapo_lightning.lightning.hf_models import preset_config
 from slapo_lightning.op.cross_entropy import FusedLinearCrossEntropy
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from slapo_lightning.lightning.cli_errors import check_overrides
-from slapo_lightning.train import EXIT_USER_ERROR, main
+from slapo_lightning.cli.overrides import check_overrides
+from slapo_lightning.cli.train import EXIT_USER_ERROR, main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,7 +74,7 @@ def test_console_module_reports_without_traceback(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("HYDRA_FULL_ERROR", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "slapo_lightning.train", "recipe=nope"],
+        [sys.executable, "-m", "slapo_lightning.cli", "recipe=nope"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == EXIT_USER_ERROR
@@ -87,7 +87,7 @@ def test_console_module_trains_a_recipe(tmp_path):
     from test_train_recipes import schedule_overrides
 
     proc = subprocess.run(
-        [sys.executable, "-m", "slapo_lightning.train", "recipe=gpt2", "trainer.max_steps=3",
+        [sys.executable, "-m", "slapo_lightning.cli", "recipe=gpt2", "trainer.max_steps=3",
          "trainer.val_check_interval=3", "trainer.limit_val_batches=2", "data.max_chars=100000",
          "data.vocab_size=500", "~callbacks.progress", "trainer.enable_progress_bar=false",
          *schedule_overrides("gpt2")],

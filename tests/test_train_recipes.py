@@ -11,7 +11,7 @@ from transformers import GPT2LMHeadModel
 
 import slapo_lightning as slapo
 from slapo_lightning.lightning import CausalLMModule, MaskedLMModule
-from slapo_lightning.train import train
+from slapo_lightning.cli.train import train
 
 import test_spec_fixtures as fx
 

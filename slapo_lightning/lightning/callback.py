@@ -24,6 +24,7 @@ from torch import nn
 
 from ..errors import CheckpointMismatchError, ScheduleError, VerificationError
 from ..report import Report
+from ..tolerances import DEFAULT_ATOL, DEFAULT_RTOL
 from ..spec import apply_schedule, load_spec
 from ..spec.bisect import verify_schedule
 
@@ -60,14 +61,14 @@ class ScheduleCallback(Callback):
             tuple, or ``fn(pl_module) -> inputs``) for tracing; defaults to
             ``pl_module.example_input_array`` when set, else the core's default for HF models.
         report_path: where to save the JSON report; default ``<trainer.log_dir>/schedule_report.json``.
-        rtol, atol: verification tolerances.
+        rtol, atol: verification tolerances (default ``slapo_lightning.tolerances``).
         verify_fn: ``fn(pl_module, batch, batch_idx) -> outputs`` compared by verification;
             default ``pl_module.training_step`` with logging muted.
         print_report: render the report table on rank 0.
     """
 
     def __init__(self, schedule: Any, target: str = "model", verify: bool | str = False, example_inputs: Any = None,
-                 report_path: str | None = None, rtol: float = 1e-4, atol: float = 1e-5,
+                 report_path: str | None = None, rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL,
                  verify_fn: StepFn | None = None, print_report: bool = True):
         if verify is True:
             verify = "first_batch"

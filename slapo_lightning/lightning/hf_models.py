@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 from transformers import PretrainedConfig, PreTrainedModel
 
-from .errors import RecipeError
+from ..errors import RecipeError
 
 
 def preset_config(size: str, sizes: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:

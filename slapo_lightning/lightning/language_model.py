@@ -11,7 +11,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from torchmetrics import MeanMetric
 from transformers import PretrainedConfig, PreTrainedModel, get_cosine_with_min_lr_schedule_with_warmup
 
-from .errors import RecipeError
+from ..errors import RecipeError
 from .hf_models import build_hf_model
 from .lm_loss import IGNORE_INDEX, LMHeadLoss
 from .throughput import forward_flops_per_token

@@ -11,9 +11,8 @@ import warnings
 import torch
 from torch import nn
 
-from ..errors import BackendError, closest
+from ..errors import BackendError, OpError, closest
 from .attention_backends import ALIASES, ATTENTION_BACKENDS, AttentionBackend, backends_by_speed
-from .errors import OpError
 from .registry import register_op
 
 AUTO = "auto"

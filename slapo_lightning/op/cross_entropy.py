@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .amp import autocast_inputs, autocast_off
-from .errors import OpError
+from ..errors import OpError
 from .registry import register_op
 
 LOGITS_PER_CHUNK = 1 << 26

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import OpError
+from ..errors import OpError
 from .registry import register_op
 
 LEVELS = 1 << 16

@@ -15,7 +15,7 @@ from torch import nn
 
 from .compiled import compiled_on_cuda
 from .dropout import fast_dropout
-from .errors import OpError
+from ..errors import OpError
 from .registry import register_op
 
 GELU_APPROXIMATIONS = ("none", "tanh")

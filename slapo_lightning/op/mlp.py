@@ -14,7 +14,7 @@ from torch import nn
 
 from .amp import autocast_inputs, autocast_off
 from .dropout import fast_dropout
-from .errors import OpError
+from ..errors import OpError
 from .fused import check_gelu_approximate, gelu_approximate_for
 from .registry import register_op
 

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from .amp import autocast_inputs, autocast_off
-from .errors import OpError
+from ..errors import OpError
 from .registry import register_op
 
 PROJECTIONS = ("query", "key", "value")

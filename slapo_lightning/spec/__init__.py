@@ -9,7 +9,7 @@ first pass that breaks equivalence. Patterns and ops are referenced by name (``P
 from . import builtin_ops, builtin_patterns  # noqa: F401  (registration)
 from .apply import apply_schedule
 from .bisect import first_breaking_pass, verify_schedule
-from .model import PassSpec, ScheduleSpec, StepSpec, load_spec, parse_spec
+from .schema import PassSpec, ScheduleSpec, StepSpec, load_spec, parse_spec
 from .ops import OP_FACTORIES, Built, Match, op_names, register_op_factory
 from .patterns import PATTERNS, PatternSpec, Variant, register_pattern
 from .steps import STEPS, step_names

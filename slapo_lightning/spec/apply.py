@@ -16,7 +16,7 @@ from ..errors import ScheduleError, SpecError, closest
 from ..report import ModuleChange, PassReport, Report, Skipped, StepRecord
 from ..schedule import Schedule, create_schedule
 from ..state_keys import keep_original_keys, moved_keys, tensor_keys
-from .model import PassSpec, load_spec
+from .schema import PassSpec, load_spec
 from .snapshot import ModelSnapshot
 from .steps import NoMatch, select_all, step_kind
 

@@ -8,9 +8,10 @@ from typing import Any, Callable
 from torch import nn
 
 from ..errors import VerificationError
+from ..tolerances import DEFAULT_ATOL, DEFAULT_RTOL
 from ..verify import verify
 from .apply import apply_schedule
-from .model import ScheduleSpec
+from .schema import ScheduleSpec
 
 Wrap = Callable[[nn.Module], nn.Module]
 
@@ -20,7 +21,8 @@ def _same(module: nn.Module) -> nn.Module:
 
 
 def first_breaking_pass(original: nn.Module, spec: ScheduleSpec, inputs: Any, *, wrap: Wrap = _same,
-                        example_inputs: Any = None, rtol: float = 1e-4, atol: float = 1e-5) -> tuple[str, str] | None:
+                        example_inputs: Any = None, rtol: float = DEFAULT_RTOL,
+                        atol: float = DEFAULT_ATOL) -> tuple[str, str] | None:
     """(pass name, verification message) of the first enabled pass after which a copy of
     ``original`` stops matching it; None if every prefix of the spec matches."""
     candidate = copy.deepcopy(original)
@@ -34,8 +36,8 @@ def first_breaking_pass(original: nn.Module, spec: ScheduleSpec, inputs: Any, *,
 
 
 def verify_schedule(original: nn.Module, scheduled: nn.Module, spec: ScheduleSpec, inputs: Any, *,
-                    wrap: Wrap = _same, example_inputs: Any = None, rtol: float = 1e-4,
-                    atol: float = 1e-5) -> dict[str, float]:
+                    wrap: Wrap = _same, example_inputs: Any = None, rtol: float = DEFAULT_RTOL,
+                    atol: float = DEFAULT_ATOL) -> dict[str, float]:
     """``verify(original, scheduled)``; on mismatch a VerificationError naming the first bad pass.
 
     ``wrap`` turns a model into what is run on ``inputs`` (e.g. a training step around it);

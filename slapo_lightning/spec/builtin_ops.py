@@ -11,7 +11,7 @@ from torch import nn
 
 from ..op import (FastDropout, FlashAttentionOp, FusedBiasDropoutAddLayerNorm, FusedBiasGELU, FusedLinearCrossEntropy,
                   FusedMLP, FusedQKV, LinearWithSeparateBias)
-from ..op.errors import OpError
+from ..errors import OpError
 from ..op.fused import gelu_approximate_for
 from ..tracer import train_only_probability
 from .builtin_patterns import DROPOUT_TARGETS

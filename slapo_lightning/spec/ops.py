@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch.fx as fx
 from torch import nn
 
-from ..errors import RegistryError, SpecError, closest
+from ..errors import RegistryError, SpecError, unknown
 from ..op.registry import OPS
 from ..pattern import Subgraph
 from ..registry import Registry, import_object
@@ -88,13 +88,10 @@ class OpRef:
         """A problem description, or None when ``args`` bind."""
         params = self.signature.parameters
         takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
-        unknown = [k for k in args if k not in params and not takes_any]
-        if unknown:
+        extra = [k for k in args if k not in params and not takes_any]
+        if extra:
             valid = [p for p, v in params.items() if v.kind not in (v.VAR_KEYWORD, v.VAR_POSITIONAL)]
-            hint = closest(unknown[0], valid)
-            return (f"op {self.name!r} has no argument {unknown[0]!r}"
-                    + (f" (did you mean {', '.join(map(repr, hint))}?)" if hint else "")
-                    + f"; valid: {', '.join(valid) or '(none)'}")
+            return unknown(f"argument of op {self.name!r}:", extra[0], valid)
         try:
             self.signature.bind(**args)
         except TypeError as exc:
@@ -147,9 +144,7 @@ def resolve_op(ref: Any) -> tuple[OpRef, dict[str, Any]]:
             return _as_ref(ref, import_object(ref)), args
         except RegistryError as exc:
             raise SpecError(f"op {exc}") from None
-    hint = closest(ref, op_names())
-    raise SpecError(f"unknown op {ref!r}" + (f" (did you mean {', '.join(map(repr, hint))}?)" if hint else "")
-                    + f"; valid: {', '.join(op_names())} (or an import path 'pkg.module:attr')")
+    raise SpecError(unknown("op", ref, op_names(), more="(or an import path 'pkg.module:attr')"))
 
 
 def build_op(op: OpRef, match: Match, args: dict[str, Any]) -> Built:

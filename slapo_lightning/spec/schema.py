@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..errors import RegistryError, SpecError, closest
+from ..errors import RegistryError, SpecError, unknown
 from ..registry import import_object
 from .steps import step_kind
 
@@ -150,7 +150,7 @@ def parse_spec(data: Any) -> ScheduleSpec:
         raise SpecError(f"a schedule spec is a mapping with a 'passes' key, got {type(data).__name__}")
     for key in data:
         if key not in TOP_KEYS:
-            problems.add("schedule spec", _unknown("key", key, TOP_KEYS))
+            problems.add("schedule spec", unknown("key", key, TOP_KEYS))
     passes_data = data.get("passes") or {}
     if not isinstance(passes_data, Mapping):
         raise SpecError(f"schedule spec: 'passes' must map pass names to passes, got {type(passes_data).__name__}")
@@ -164,13 +164,6 @@ def parse_spec(data: Any) -> ScheduleSpec:
     if problems:
         raise SpecError(f"invalid schedule spec ({len(problems)} problems)\n" + "\n".join(f"  {p}" for p in problems))
     return ScheduleSpec(tuple(passes))
-
-
-def _unknown(what: str, name: Any, valid: Any) -> str:
-    valid = list(valid)
-    hint = closest(str(name), valid)
-    return (f"unknown {what} {name!r}" + (f" (did you mean {', '.join(map(repr, hint))}?)" if hint else "")
-            + f"; valid: {', '.join(valid) or '(none)'}")
 
 
 def _parse_pass(name: str, body: Any, problems: _Problems) -> PassSpec | None:
@@ -198,7 +191,7 @@ def _parse_pass(name: str, body: Any, problems: _Problems) -> PassSpec | None:
     steps = _parse_steps(body["steps"], params, used, where, problems)
     for key in params:
         if key not in used:
-            problems.add(where, _unknown("key", key, list(PASS_KEYS) + sorted(used)))
+            problems.add(where, unknown("key", key, list(PASS_KEYS) + sorted(used)))
     return PassSpec(name, enabled is True, optional is True, select, tuple(steps), None, params,
                     str(body.get("description") or ""))
 

@@ -2,7 +2,7 @@
 
     slapo-train recipe=gpt2 trainer.max_steps=200 schedule.passes.fused_qkv.enabled=false
 
-Also ``python -m slapo_lightning.train``. Bad input (unknown recipe, key or value, missing path)
+Also ``python -m slapo_lightning.cli``. Bad input (unknown recipe, key or value, missing path)
 is reported as one ``error:`` line on stderr with a non-zero exit; ``HYDRA_FULL_ERROR=1`` shows
 the traceback instead.
 """
@@ -20,10 +20,10 @@ from hydra._internal.utils import get_args_parser
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from .lightning.callback import ScheduleCallback
-from .lightning.cli_errors import CONFIG_NAME, USER_ERRORS, check_overrides, one_line
-from .lightning.errors import RecipeError
-from .lightning.export import export_pretrained
+from ..errors import RecipeError
+from ..lightning.callback import ScheduleCallback
+from ..lightning.export import export_pretrained
+from .overrides import CONFIG_NAME, USER_ERRORS, check_overrides, one_line
 
 EXIT_USER_ERROR = 2
 
@@ -97,7 +97,7 @@ def _run(cfg: DictConfig) -> None:
         sys.exit(EXIT_USER_ERROR)
 
 
-_hydra_main = hydra.main(config_path="configs", config_name=CONFIG_NAME, version_base="1.3")(_run)
+_hydra_main = hydra.main(config_path="pkg://slapo_lightning.configs", config_name=CONFIG_NAME, version_base="1.3")(_run)
 
 
 def main() -> None:

@@ -22,8 +22,7 @@ from hydra.errors import HydraException, InstantiationException, MissingConfigEx
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ..errors import ScheduleError
-from .errors import RecipeError
+from ..errors import RecipeError, ScheduleError, unknown
 
 CONFIG_MODULE = "slapo_lightning.configs"
 CONFIG_NAME = "train"
@@ -45,8 +44,7 @@ def one_line(exc: BaseException) -> str:
             return _condense(str(error))
     if isinstance(exc, MissingConfigException) and exc.missing_cfg_file:
         group, _, name = exc.missing_cfg_file.rpartition("/")
-        valid = f"; valid: {', '.join(exc.options)}" if exc.options else ""
-        return f"unknown {group or 'config'} {name!r}{valid}"
+        return unknown(group or "config", name, exc.options or [], did_you_mean=False)
     if isinstance(exc, InstantiationException) and exc.__cause__ is not None:
         key = _full_key(exc)
         return f"{key + ': ' if key else ''}{type(exc.__cause__).__name__}: {_condense(str(exc.__cause__))}"
@@ -81,7 +79,7 @@ def _check_group(override: Override, options: list[str]) -> None:
     chosen = value if isinstance(value, list) else [value]
     for choice in chosen:
         if choice is not None and str(choice) not in options:
-            raise RecipeError(f"unknown {override.key_or_group} {choice!r}; valid: {', '.join(options)}")
+            raise RecipeError(unknown(override.key_or_group, choice, options))
 
 
 def _describe_keys(node: Any) -> str:
