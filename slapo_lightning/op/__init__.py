@@ -11,6 +11,7 @@ from .cross_entropy import FusedLinearCrossEntropy, fused_linear_cross_entropy
 from .dropout import FastDropout, fast_dropout
 from ..errors import OpError
 from .fused import FusedBiasDropoutAddLayerNorm, FusedBiasGELU, bias_dropout_add_layer_norm, bias_gelu
+from .gated_mlp import GatedMLP
 from .linear import LinearWithSeparateBias
 from .mlp import FusedMLP
 from .qkv import FusedQKV
@@ -27,6 +28,7 @@ __all__ = [
     "FusedLinearCrossEntropy",
     "FusedMLP",
     "FusedQKV",
+    "GatedMLP",
     "LinearWithSeparateBias",
     "OpError",
     "RMSNorm",
