@@ -17,6 +17,7 @@ from .mlp import FusedMLP
 from .qkv import FusedQKV
 from .registry import OPS, list_ops, register_op
 from .rms_norm import RMSNorm, rms_norm
+from .rope import FusedRoPE, rope
 
 __all__ = [
     "ATTENTION_BACKENDS",
@@ -28,6 +29,7 @@ __all__ = [
     "FusedLinearCrossEntropy",
     "FusedMLP",
     "FusedQKV",
+    "FusedRoPE",
     "GatedMLP",
     "LinearWithSeparateBias",
     "OpError",
@@ -40,4 +42,5 @@ __all__ = [
     "list_ops",
     "register_op",
     "rms_norm",
+    "rope",
 ]
