@@ -53,7 +53,9 @@ class FlashAttentionOp(nn.Module):
 
     ``forward(q, k, v, attention_mask=None, p=0.0)``: ``attention_mask`` is bool (True = attend) or
     additive float, broadcastable to (batch, heads, q_len, k_len); ``p`` is the dropout probability,
-    applied only in training mode.
+    applied only in training mode. k and v may have fewer heads than q (grouped-query attention:
+    query head ``h`` attends with key/value head ``h // (q_heads // kv_heads)``, as HF's
+    ``repeat_kv``); they are never repeated (see ``attention_backends``).
     """
 
     def __init__(
@@ -93,16 +95,19 @@ class FlashAttentionOp(nn.Module):
         _check_layout(q, k, v)
         mask = _normalized_mask(attention_mask, q.dtype)
         dropout_p = p if self.training else 0.0
-        backend = self.select_backend(q, mask, dropout_p)
+        backend = self.select_backend(q, mask, dropout_p, k)
         return backend.run(q, k, v, mask, dropout_p, self.apply_causal_mask, self.scale)
 
-    def select_backend(self, q: torch.Tensor, mask: torch.Tensor | None, dropout_p: float) -> AttentionBackend:
-        """The backend this op runs these inputs on (falls back, warns or raises as configured)."""
+    def select_backend(
+        self, q: torch.Tensor, mask: torch.Tensor | None, dropout_p: float, k: torch.Tensor | None = None
+    ) -> AttentionBackend:
+        """The backend this op runs these inputs on (falls back, warns or raises as configured);
+        ``k`` (for its head count) decides between backends with and without grouped-query support."""
         causal = self.apply_causal_mask
         if self._named is None:
-            return next(b for b in self._candidates if b.unsupported_reason(q, mask, dropout_p, causal) is None)
+            return next(b for b in self._candidates if b.unsupported_reason(q, mask, dropout_p, causal, k) is None)
         if self._named_installed:
-            reason = self._named.unsupported_reason(q, mask, dropout_p, causal)
+            reason = self._named.unsupported_reason(q, mask, dropout_p, causal, k)
         else:
             reason = f"package {self._named.package!r} is not installed"
         if reason is None:
@@ -120,10 +125,13 @@ class FlashAttentionOp(nn.Module):
 
 
 def _check_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    shapes = f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise OpError(f"FlashAttentionOp expects q, k, v as (batch, heads, seq, head_dim); got shapes {shapes}")
+    if k.shape[1] != v.shape[1] or q.shape[1] % k.shape[1]:
         raise OpError(
-            "FlashAttentionOp expects q, k, v as (batch, heads, seq, head_dim); got shapes "
-            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+            f"FlashAttentionOp needs k and v with the same number of heads, dividing q's {q.shape[1]} heads "
+            f"(grouped-query attention); got shapes {shapes}"
         )
 
 

@@ -12,6 +12,10 @@ rounding:
   keys ``j <= i + k_len - q_len`` (the usual meaning with a KV cache; for q_len == k_len it is the
   plain lower triangle).
 * A query row whose keys are all masked out gives zeros, like ``F.scaled_dot_product_attention``.
+* Grouped-query attention: k and v may have fewer heads than q (a divisor of its heads; query head
+  ``h`` reads key/value head ``h // groups``, HF's ``repeat_kv``). No backend repeats k/v: kernels
+  that read grouped heads natively get them as they are, the others see the queries of one group
+  as one longer sequence (``grouped_queries``).
 
 ``flash_attn`` and ``xformers`` are imported only inside ``run``, never when this module loads.
 """
@@ -84,6 +88,34 @@ def key_padding(mask: torch.Tensor, batch: int) -> torch.Tensor | None:
     return keep.expand(batch, 1, 1, mask.shape[-1]).reshape(batch, mask.shape[-1])
 
 
+def kv_groups(q: torch.Tensor, k: torch.Tensor) -> int:
+    """Query heads per key/value head (1 without grouped-query attention)."""
+    return q.shape[1] // k.shape[1]
+
+
+def grouped_queries(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None):
+    """``q`` as (batch, kv_heads, groups * q_len, head_dim) and ``mask`` in that layout.
+
+    The query heads that share a key/value head are stacked into one longer sequence of queries,
+    so attention runs on k and v as they are (HF's ``repeat_kv`` would copy them ``groups`` times).
+    The output, (batch, kv_heads, groups * q_len, head_dim), is ``q``'s layout again after
+    ``.view(q.shape)``. A mask shared by all heads is copied ``groups`` times (masks are smaller
+    than k and v by a factor of head_dim at equal lengths); a per-head mask is only reshaped.
+    """
+    batch, heads, q_len, head_dim = q.shape
+    kv_heads, groups = k.shape[1], kv_groups(q, k)
+    grouped_q = q.reshape(batch, kv_heads, groups * q_len, head_dim)
+    if mask is None:
+        return grouped_q, None
+    mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    mask_batch, mask_heads, _, k_len = mask.shape
+    rows = mask.expand(mask_batch, mask_heads, q_len, k.shape[-2])
+    if mask_heads == 1:
+        grouped_mask = rows.unsqueeze(2).expand(mask_batch, 1, groups, q_len, k.shape[-2])
+        return grouped_q, grouped_mask.reshape(mask_batch, 1, groups * q_len, k.shape[-2])
+    return grouped_q, rows.reshape(mask_batch, kv_heads, groups * q_len, k.shape[-2])
+
+
 @functools.cache
 def _installed(package: str) -> bool:
     return importlib.util.find_spec(package) is not None
@@ -91,29 +123,33 @@ def _installed(package: str) -> bool:
 
 class AttentionBackend:
     """One kernel family. ``priority``: lower is faster, tried first by ``auto``; ``package``: what
-    must be installed; ``devices``/``dtypes``: what the kernel runs on (None: anything)."""
+    must be installed; ``devices``/``dtypes``: what the kernel runs on (None: anything);
+    ``grouped_kv``: whether it runs k/v with fewer heads than q without repeating them."""
 
     name: str = ""
     priority: int = 100
     package: str | None = None
     devices: tuple[str, ...] | None = None
     dtypes: tuple[torch.dtype, ...] | None = None
+    grouped_kv: bool = False
 
     def installed(self) -> bool:
         return self.package is None or _installed(self.package)
 
     def unsupported_reason(
-        self, q: torch.Tensor, mask: torch.Tensor | None, dropout_p: float, causal: bool
+        self, q: torch.Tensor, mask: torch.Tensor | None, dropout_p: float, causal: bool, k: torch.Tensor | None = None
     ) -> str | None:
         """Why this (installed) backend cannot run these inputs, or None when it can."""
         if self.devices is not None and q.device.type not in self.devices:
             return f"it needs {' or '.join(self.devices)} tensors, got {q.device.type}"
         if self.dtypes is not None and q.dtype not in self.dtypes:
             return f"it needs {' or '.join(map(str, self.dtypes))}, got {q.dtype}"
+        if k is not None and kv_groups(q, k) > 1 and not self.grouped_kv:
+            return "it needs as many key/value heads as query heads (no grouped-query attention)"
         return self.unsupported_input(q, mask, dropout_p, causal)
 
     def unsupported_input(self, q, mask, dropout_p: float, causal: bool) -> str | None:
-        """Backend-specific limits beyond device and dtype (shapes, masks), or None."""
+        """Backend-specific limits beyond device, dtype and head grouping (shapes, masks), or None."""
         return None
 
     def run(self, q, k, v, mask, dropout_p: float, causal: bool, scale: float | None) -> torch.Tensor:
@@ -132,14 +168,35 @@ class SDPABackend(AttentionBackend):
 
     name = "sdpa"
     priority = 10
+    grouped_kv = True
 
     def run(self, q, k, v, mask, dropout_p, causal, scale):
         plain_causal = causal and mask is None and q.shape[-2] == k.shape[-2]
         if not plain_causal:
             mask = merged_mask(mask, causal, q, k)
+        grouped = kv_groups(q, k) > 1
+        if grouped and not self.native_gqa(q, k, mask, dropout_p):
+            if plain_causal:
+                mask = causal_mask(q.shape[-2], k.shape[-2], q.device)
+            grouped_q, grouped_mask = grouped_queries(q, k, mask)
+            out = F.scaled_dot_product_attention(
+                grouped_q, k, v, attn_mask=grouped_mask, dropout_p=dropout_p, scale=scale
+            )
+            return out.view(q.shape[:-1] + v.shape[-1:])
+        extra = {"enable_gqa": True} if grouped else {}
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=plain_causal, scale=scale
+            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=plain_causal, scale=scale, **extra
         )
+
+    @staticmethod
+    def native_gqa(q, k, mask, dropout_p) -> bool:
+        """Whether torch's kernel for these inputs reads grouped k/v heads itself (``enable_gqa``)
+        instead of repeating them: the CPU flash kernel, which runs without dropout (measured with
+        a shape probe, tests/test_op_gqa_attention.py), and the CUDA flash kernel without a mask
+        (the rule transformers' sdpa integration uses)."""
+        if q.device.type == "cpu":
+            return dropout_p == 0.0
+        return q.device.type == "cuda" and mask is None and q.shape[-1] <= 256
 
 
 @_register
@@ -176,10 +233,13 @@ class MathBackend(AttentionBackend):
 
     name = "math"
     priority = 30
+    grouped_kv = True
 
     def run(self, q, k, v, mask, dropout_p, causal, scale):
         scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-        scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+        batch, heads, q_len, _ = q.shape
+        grouped_q, _ = grouped_queries(q, k, None)
+        scores = torch.matmul(grouped_q, k.transpose(-2, -1)).view(batch, heads, q_len, k.shape[-2]) * scale
         mask = merged_mask(mask, causal, q, k)
         if mask is not None:
             scores = scores + additive_mask(mask, scores.dtype)
@@ -187,17 +247,20 @@ class MathBackend(AttentionBackend):
         if mask is not None:
             probs = probs.masked_fill(torch.isneginf(scores).all(dim=-1, keepdim=True), 0.0)
         probs = F.dropout(probs.to(q.dtype), p=dropout_p, training=dropout_p > 0)
-        return torch.matmul(probs, v)
+        out = torch.matmul(probs.view(batch, k.shape[1], -1, k.shape[-2]), v)
+        return out.view(batch, heads, q_len, v.shape[-1])
 
 
 @_register
 class FlashAttnBackend(AttentionBackend):
     """The ``flash-attn`` package (CUDA, fp16/bf16). Padding masks run unpadded through the varlen
     kernel: padded keys are skipped, every query row is still computed. Masks that are not key
-    padding, and padding combined with causal, are left to other backends."""
+    padding, and padding combined with causal, are left to other backends. Grouped k/v heads go
+    to the kernels as they are (flash-attn reads them natively)."""
 
     name = "flash_attn"
     priority = 0
+    grouped_kv = True
     package = "flash_attn"
     devices = ("cuda",)
     dtypes = (torch.float16, torch.bfloat16)
@@ -227,15 +290,15 @@ class FlashAttnBackend(AttentionBackend):
         from flash_attn import flash_attn_varlen_func
 
         batch, heads, q_len, head_dim = q.shape
-        k_len = k.shape[-2]
+        k_len, kv_heads = k.shape[-2], k.shape[1]
         kept = keep.reshape(-1).nonzero().squeeze(1)
         k_lens = keep.sum(dim=1, dtype=torch.int32)
         cu_k = F.pad(k_lens.cumsum(0, dtype=torch.int32), (1, 0))
         cu_q = torch.arange(0, (batch + 1) * q_len, q_len, dtype=torch.int32, device=q.device)
         out = flash_attn_varlen_func(
             q.transpose(1, 2).reshape(batch * q_len, heads, head_dim),
-            k.transpose(1, 2).reshape(batch * k_len, heads, head_dim).index_select(0, kept),
-            v.transpose(1, 2).reshape(batch * k_len, heads, head_dim).index_select(0, kept),
+            k.transpose(1, 2).reshape(batch * k_len, kv_heads, head_dim).index_select(0, kept),
+            v.transpose(1, 2).reshape(batch * k_len, kv_heads, head_dim).index_select(0, kept),
             cu_q, cu_k, q_len, int(k_lens.max()),
             dropout_p=dropout_p, softmax_scale=scale, causal=False,
         )
