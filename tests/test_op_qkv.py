@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from slapo_lightning.op import OPS, FusedQKV, OpError
+from slapo_lightning.op.qkv import _linear_state
 from tensor_probe import LargestTensor
 
 HIDDEN, HEADS = 16, 4
@@ -168,3 +169,85 @@ def test_bfloat16_under_cpu_autocast():
     for g, w in zip(got, want):
         assert g.dtype == w.dtype == torch.bfloat16
         torch.testing.assert_close(g, w, atol=2e-2, rtol=2e-2)
+
+
+def gqa_attention(bias=False, head_dim=None, dtype=torch.float32):
+    """Hugging Face attention with 4 query and 2 key/value heads (Qwen2 has q/k/v biases; head_dim
+    other than hidden/heads as in Qwen3 and Gemma)."""
+    from transformers import LlamaConfig, Qwen2Config
+    from transformers.models.llama.modeling_llama import LlamaAttention
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
+
+    torch.manual_seed(0)
+    common = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2)
+    if bias:
+        return Qwen2Attention(Qwen2Config(**common), layer_idx=0).to(dtype)
+    return LlamaAttention(LlamaConfig(**common, head_dim=head_dim), layer_idx=0).to(dtype)
+
+
+GQA_CASES = {"llama": {}, "qwen2_bias": {"bias": True}, "head_dim_12": {"head_dim": 12}}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", list(GQA_CASES))
+def test_gqa_widths_equal_the_hugging_face_projections(case, dtype):
+    attn = gqa_attention(**GQA_CASES[case], dtype=dtype)
+    projections = [attn.q_proj, attn.k_proj, attn.v_proj]
+    fused = FusedQKV.from_linears(*projections, n_heads=4)
+    assert fused.widths == (4 * attn.head_dim, 2 * attn.head_dim, 2 * attn.head_dim)
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(1)).to(dtype).requires_grad_()
+    got, want = fused(x), [lin(x) for lin in projections]
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        torch.testing.assert_close(g, w, **tol)
+    upstream = [torch.randn(w.shape, generator=torch.Generator().manual_seed(2)).to(dtype) for w in want]
+    torch.autograd.backward(got, upstream)
+    torch.autograd.backward(want, upstream)
+    grad_tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    for lin, grad in zip(projections, fused.fused_linear.weight.grad.split(list(fused.widths))):
+        torch.testing.assert_close(grad, lin.weight.grad, **grad_tol)
+    if GQA_CASES[case].get("bias"):
+        for lin, grad in zip(projections, fused.fused_linear.bias.grad.split(list(fused.widths))):
+            torch.testing.assert_close(grad, lin.bias.grad, **grad_tol)
+
+
+def test_gqa_head_layout_is_the_attention_modules_layout():
+    attn = gqa_attention(head_dim=12)
+    fused = FusedQKV.from_linears(attn.q_proj, attn.k_proj, attn.v_proj, n_heads=4, head_layout=True)
+    x = torch.randn(2, 5, 32)
+    for got, lin, heads in zip(fused(x), (attn.q_proj, attn.k_proj, attn.v_proj), (4, 2, 2)):
+        assert got.shape == (2, heads, 5, 12)
+        assert_close(got, lin(x).view(2, 5, -1, 12).transpose(1, 2))
+
+
+def test_gqa_split_state_loads_strictly_into_the_original_module():
+    """The original keys and shapes come back: a fresh HF attention loads them with strict=True."""
+    attn = gqa_attention(bias=True)
+    fused = FusedQKV.from_linears(attn.q_proj, attn.k_proj, attn.v_proj, n_heads=4)
+    states = fused.split_state()
+    assert [tuple(s["weight"].shape) for s in states] == [(32, 32), (16, 32), (16, 32)]
+    assert [tuple(s["bias"].shape) for s in states] == [(32,), (16,), (16,)]
+    saved = {f"{name}.{key}": t for name, state in zip(("q_proj", "k_proj", "v_proj"), states) for key, t in state.items()}
+    saved.update({f"o_proj.{k}": t for k, t in attn.o_proj.state_dict().items()})
+    fresh = gqa_attention(bias=True)
+    torch.nn.init.zeros_(fresh.k_proj.weight)
+    fresh.load_state_dict(saved, strict=True)
+    assert torch.equal(fresh.k_proj.weight, attn.k_proj.weight) and torch.equal(fresh.v_proj.bias, attn.v_proj.bias)
+    target = FusedQKV(32, 4, n_kv_heads=2)
+    target.load_split_state([_linear_state(lin) for lin in (fresh.q_proj, fresh.k_proj, fresh.v_proj)])
+    assert torch.equal(target.fused_linear.weight, fused.fused_linear.weight)
+
+
+def test_gqa_bad_widths():
+    q, k = nn.Linear(32, 32), nn.Linear(32, 16)
+    with pytest.raises(OpError, match=r"k and v of one width.*'value': \(8, 32\)"):
+        FusedQKV.from_linears(q, k, nn.Linear(32, 8), n_heads=4)
+    with pytest.raises(OpError, match=r"k/v have 3 heads of size 8, which does not divide n_heads=4"):
+        FusedQKV.from_linears(q, nn.Linear(32, 24), nn.Linear(32, 24), n_heads=4)
+    with pytest.raises(OpError, match="n_kv_heads 3 must divide n_heads 4"):
+        FusedQKV(32, 4, n_kv_heads=3)
+    fused = FusedQKV(32, 4, n_kv_heads=2)
+    good = [{k: v.clone() for k, v in s.items()} for s in fused.split_state()]
+    with pytest.raises(OpError, match=r"key.weight has shape \(32, 32\), expected \(16, 32\)"):
+        fused.load_split_state([good[0], {"weight": torch.zeros(32, 32), "bias": good[1]["bias"]}, good[2]])
