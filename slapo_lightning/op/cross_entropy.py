@@ -6,6 +6,11 @@ loss and, right away, into its share of the gradients for the hidden states, the
 bias; then they are dropped. Backward only scales the stored gradients (in place) by the incoming
 gradient, which works because the loss is a scalar. Peak extra memory is one chunk of logits on top
 of the gradients themselves.
+
+Final-logit soft-capping (Gemma2's ``final_logit_softcapping``: ``logits = cap * tanh(logits /
+cap)`` before the loss) is applied per chunk, and the chunk's logit gradient is multiplied by the
+tanh's derivative ``1 - tanh²``. That needs the tanh next to the capped logits, two chunk-sized
+buffers, so with a cap the default chunk holds half as many tokens (same peak memory).
 """
 from __future__ import annotations
 
@@ -28,16 +33,18 @@ the rows of a dense logits chunk are misaligned for the GEMM that writes them, w
 1.2x slower on CPU for the whole op (see BENCHMARKS.md)."""
 
 
-def default_chunk_size(vocab_size: int) -> int:
-    """Tokens per chunk so that one chunk of logits holds about ``LOGITS_PER_CHUNK`` values."""
-    return max(1, LOGITS_PER_CHUNK // vocab_size)
+def default_chunk_size(vocab_size: int, softcap: float | None = None) -> int:
+    """Tokens per chunk so that a chunk's logit buffers hold about ``LOGITS_PER_CHUNK`` values
+    (one buffer, two with ``softcap``)."""
+    return max(1, LOGITS_PER_CHUNK // vocab_size // (1 if softcap is None else 2))
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of ``hidden @ weight.T + bias`` against ``labels``; grads made in forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index: int, chunk_size: int, with_grads: bool):
+    def forward(ctx, hidden, weight, bias, labels, ignore_index: int, chunk_size: int, with_grads: bool,
+                softcap: float | None):
         valid = labels != ignore_index
         n_valid = valid.sum()
         row_scale = torch.where(valid, 1.0 / n_valid.float(), 0.0)
@@ -54,10 +61,16 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             rows = slice(start, start + chunk_size)
             h, y = hidden[rows], targets[rows]
             logits = _logits(h, weight, bias, None if buffer is None else buffer[: h.shape[0]]).float()
+            if softcap is not None:
+                tanh = logits.div_(softcap).tanh_()
+                logits = tanh * softcap
             chunk_loss, grad_logits = _loss_and_logit_grads(logits, y, valid[rows], row_scale[rows], want_grads)
             loss_sum += chunk_loss
             if grad_logits is None:
                 continue
+            if softcap is not None:
+                grad_logits.mul_(tanh.square_().neg_().add_(1.0))
+                del tanh
             grad_logits = grad_logits.to(weight.dtype)
             if need_hidden:
                 torch.mm(grad_logits, weight, out=grad_hidden[rows])
@@ -81,7 +94,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             )
         grads, ctx.grads = ctx.grads, None
         scaled = tuple(None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads)
-        return (*scaled, None, None, None, None)
+        return (*scaled, None, None, None, None, None)
 
 
 def balanced_chunk_size(rows: int, chunk_size: int) -> int:
@@ -152,13 +165,16 @@ def fused_linear_cross_entropy(
     bias: torch.Tensor | None = None,
     ignore_index: int = -100,
     chunk_size: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """``F.cross_entropy(F.linear(hidden, weight, bias), labels, ignore_index=...)`` (mean over the
-    non-ignored tokens) without materialising the logits.
+    non-ignored tokens) without materialising the logits; with ``softcap`` the logits are
+    ``softcap * tanh(logits / softcap)`` first (Gemma2's final-logit soft-capping).
 
     ``hidden``: (..., hidden_size); ``weight``: (vocab, hidden_size) as in ``nn.Linear``;
     ``labels``: (...) token ids aligned with ``hidden`` (shift them first for causal LM);
-    ``chunk_size``: tokens per chunk, default ``default_chunk_size(vocab)``. With every token
+    ``chunk_size``: tokens per chunk, default ``default_chunk_size(vocab, softcap)``. The weight may
+    be tied to the input embeddings: its gradient adds to theirs as any other use would. With every token
     ignored the loss is NaN and the gradients zero, as with ``F.cross_entropy``. Under autocast the
     inputs are cast to the autocast dtype first, as ``F.linear`` would be.
     """
@@ -172,7 +188,8 @@ def fused_linear_cross_entropy(
             f"weight of shape {tuple(weight.shape)} does not fit hidden size {hidden.shape[-1]} "
             "(expected (vocab, hidden_size), the nn.Linear layout)"
         )
-    chunk_size = default_chunk_size(weight.shape[0]) if chunk_size is None else chunk_size
+    softcap = check_softcap(softcap)
+    chunk_size = default_chunk_size(weight.shape[0], softcap) if chunk_size is None else chunk_size
     if chunk_size < 1:
         raise OpError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
     device_type = hidden.device.type
@@ -180,8 +197,17 @@ def fused_linear_cross_entropy(
     with autocast_off(device_type):
         return _ChunkedLinearCrossEntropy.apply(
             hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels.reshape(-1),
-            ignore_index, chunk_size, torch.is_grad_enabled(),
+            ignore_index, chunk_size, torch.is_grad_enabled(), softcap,
         )
+
+
+def check_softcap(softcap) -> float | None:
+    """``softcap`` as a float, or None (no capping); OpError unless it is a positive number."""
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap > 0:
+        raise OpError(f"softcap must be a positive number (the logit cap) or None, got {softcap!r}")
+    return float(softcap)
 
 
 @register_op("fused_linear_cross_entropy")
@@ -190,12 +216,19 @@ class FusedLinearCrossEntropy(nn.Module):
 
     ``forward(hidden_states, weight, labels, bias=None)`` returns the mean loss; the LM head's
     weight (often tied to the embeddings) is passed in, so no parameter is copied or owned.
+    ``softcap``: final-logit soft-capping; :meth:`from_config` reads it from a Hugging Face config.
     """
 
-    def __init__(self, ignore_index: int = -100, chunk_size: int | None = None):
+    def __init__(self, ignore_index: int = -100, chunk_size: int | None = None, softcap: float | None = None):
         super().__init__()
         self.ignore_index = ignore_index
         self.chunk_size = chunk_size
+        self.softcap = check_softcap(softcap)
+
+    @classmethod
+    def from_config(cls, config, ignore_index: int = -100, chunk_size: int | None = None) -> "FusedLinearCrossEntropy":
+        """The loss of a causal LM with this config: its ``final_logit_softcapping`` when it has one."""
+        return cls(ignore_index, chunk_size, getattr(config, "final_logit_softcapping", None))
 
     def forward(
         self,
@@ -204,7 +237,9 @@ class FusedLinearCrossEntropy(nn.Module):
         labels: torch.Tensor,
         bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return fused_linear_cross_entropy(hidden_states, weight, labels, bias, self.ignore_index, self.chunk_size)
+        return fused_linear_cross_entropy(
+            hidden_states, weight, labels, bias, self.ignore_index, self.chunk_size, self.softcap
+        )
 
     def extra_repr(self) -> str:
-        return f"ignore_index={self.ignore_index}, chunk_size={self.chunk_size}"
+        return f"ignore_index={self.ignore_index}, chunk_size={self.chunk_size}, softcap={self.softcap}"
