@@ -10,7 +10,10 @@ from slapo_lightning.op import (
     FusedBiasGELU,
     FusedMLP,
     FusedQKV,
+    GatedMLP,
+    RMSNorm,
     fused_linear_cross_entropy,
+    rope,
 )
 
 
@@ -18,7 +21,7 @@ def test_exports_and_registry():
     for name in (
         "attention", "FlashAttentionOp", "FusedQKV", "LinearWithSeparateBias", "FusedBiasGELU",
         "FusedBiasDropoutAddLayerNorm", "FusedMLP", "FusedLinearCrossEntropy", "FastDropout", "OPS", "register_op",
-        "list_ops",
+        "list_ops", "RMSNorm", "rms_norm", "GatedMLP", "FusedRoPE", "rope",
     ):
         assert hasattr(op, name), name
     assert op.attention.FlashAttentionOp is FlashAttentionOp
@@ -26,7 +29,7 @@ def test_exports_and_registry():
     assert names == sorted(names)
     assert {
         "fast_dropout", "flash_attention", "fused_bias_dropout_add_layer_norm", "fused_bias_gelu", "fused_linear_cross_entropy",
-        "fused_mlp", "fused_qkv", "linear_with_separate_bias",
+        "fused_mlp", "fused_qkv", "linear_with_separate_bias", "rms_norm", "gated_mlp", "rope",
     } <= set(names)
 
 
@@ -48,6 +51,31 @@ def test_ops_compile_without_graph_breaks():
     labels, mask = torch.randint(0, 50, (2, 5)), torch.ones(2, 1, 1, 5, dtype=torch.bool)
     compiled = torch.compile(block, backend="eager", fullgraph=True)
     got, want = compiled(x, labels, mask), block(x, labels, mask)
+    torch.testing.assert_close(got, want)
+    for g, w in zip(torch.autograd.grad(got, [x, lm_head]), torch.autograd.grad(want, [x, lm_head])):
+        torch.testing.assert_close(g, w)
+
+
+def test_decoder_ops_compile_without_graph_breaks():
+    """A Llama-style block from the decoder ops (RMSNorm, GQA-width FusedQKV, RoPE, grouped-query
+    attention, gated MLP, soft-capped CE) traces as one graph and computes what eager does."""
+    torch.manual_seed(0)
+    norm, qkv = RMSNorm(16), FusedQKV(16, 4, n_kv_heads=2, head_layout=True)
+    attn, mlp = FlashAttentionOp(apply_causal_mask=True), GatedMLP(16, 40, activation="gelu_tanh", chunked=True)
+    lm_head = torch.randn(50, 16, requires_grad=True)
+    cos, sin = torch.randn(2, 5, 4), torch.randn(2, 5, 4)
+
+    def block(x, labels):
+        q, k, v = qkv(norm(x))
+        q, k = rope(q, k, cos, sin)
+        h = x + attn(q, k, v).transpose(1, 2).reshape(x.shape)
+        h = h + mlp(norm(h))
+        return fused_linear_cross_entropy(h, lm_head, labels, chunk_size=3, softcap=3.0)
+
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 5))
+    compiled = torch.compile(block, backend="eager", fullgraph=True)
+    got, want = compiled(x, labels), block(x, labels)
     torch.testing.assert_close(got, want)
     for g, w in zip(torch.autograd.grad(got, [x, lm_head]), torch.autograd.grad(want, [x, lm_head])):
         torch.testing.assert_close(g, w)

@@ -193,10 +193,12 @@ class SDPABackend(AttentionBackend):
         """Whether torch's kernel for these inputs reads grouped k/v heads itself (``enable_gqa``)
         instead of repeating them: the CPU flash kernel, which runs without dropout (measured with
         a shape probe, tests/test_op_gqa_attention.py), and the CUDA flash kernel without a mask
-        (the rule transformers' sdpa integration uses)."""
+        in half precision (transformers' sdpa integration uses the same rule without the dtype
+        condition; the float32 kernels are not known to read grouped heads)."""
         if q.device.type == "cpu":
             return dropout_p == 0.0
-        return q.device.type == "cuda" and mask is None and q.shape[-1] <= 256
+        half = q.dtype in (torch.float16, torch.bfloat16)
+        return q.device.type == "cuda" and half and mask is None and q.shape[-1] <= 256
 
 
 @_register
