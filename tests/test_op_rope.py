@@ -1,7 +1,8 @@
 """FusedRoPE against Hugging Face's apply_rotary_pos_emb: Llama's full rotary, GPT-NeoX's and
-Phi-3's partial rotary, with cos/sin from the models' own rotary embedding modules (CPU). Outputs and
-gradients are bitwise equal in float32 and bfloat16; gradients for cos/sin (when they require
-them) to atol/rtol 1e-5 in float32."""
+Phi-3's partial rotary, with cos/sin from the models' own rotary embedding modules (CPU), on both
+paths (plain autograd, CPU's default, and the fused Function CUDA uses). Outputs and gradients are
+bitwise equal in float32 and bfloat16; gradients for cos/sin (when they require them) to atol/rtol
+1e-5 in float32."""
 from __future__ import annotations
 
 import pytest
@@ -36,12 +37,13 @@ def qk_and_tables(case, dtype):
     return q, k, cos, sin
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", list(CASES))
-def test_bitwise_equal_to_hugging_face(case, dtype):
+def test_bitwise_equal_to_hugging_face(case, dtype, fused):
     q, k, cos, sin = qk_and_tables(case, dtype)
     assert cos.shape[-1] == ROTARY[case]
-    got = FusedRoPE()(q, k, cos, sin)
+    got = rope(q, k, cos, sin, fused=fused)
     want = CASES[case][0].apply_rotary_pos_emb(q, k, cos, sin)
     gen = torch.Generator().manual_seed(1)
     upstream = [torch.randn(t.shape, generator=gen).to(dtype) for t in want]
@@ -53,30 +55,38 @@ def test_bitwise_equal_to_hugging_face(case, dtype):
         assert g.dtype == w.dtype and torch.equal(g, w)
 
 
-def test_seq_heads_layout_with_unsqueeze_dim_2():
+@pytest.mark.parametrize("fused", [False, True])
+def test_seq_heads_layout_with_unsqueeze_dim_2(fused):
     q, k, cos, sin = qk_and_tables("phi3_half", torch.float32)
     q, k = q.transpose(1, 2), k.transpose(1, 2)
-    for g, w in zip(rope(q, k, cos, sin, unsqueeze_dim=2), phi3.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)):
+    got = rope(q, k, cos, sin, unsqueeze_dim=2, fused=fused)
+    for g, w in zip(got, phi3.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)):
         assert torch.equal(g, w)
 
 
-def test_saves_only_cos_and_sin():
+@pytest.mark.parametrize("fused", [False, True])
+def test_saves_only_cos_and_sin(fused):
+    q, k, cos, sin = qk_and_tables("neox_quarter", torch.float32)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        rope(q, k, cos, sin, fused=fused)
+    storages = {t.untyped_storage().data_ptr() for t in saved}
+    assert storages == {cos.untyped_storage().data_ptr(), sin.untyped_storage().data_ptr()}
+
+
+def test_cpu_default_is_plain_autograd_and_cuda_default_the_function():
     q, k, cos, sin = qk_and_tables("llama_full", torch.float32)
-    saved = {}
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.setdefault(id(t), t), lambda t: t):
-        rope(q, k, cos, sin)
-    assert sorted(t.numel() for t in saved.values()) == [cos.numel()] * 2
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.setdefault(id(t), t), lambda t: t):
-        llama.apply_rotary_pos_emb(q, k, cos, sin)
-    assert len(saved) > 2
+    assert type(rope(q, k, cos, sin)[0].grad_fn).__name__ != "_RotaryFunctionBackward"
+    assert type(rope(q, k, cos, sin, fused=True)[0].grad_fn).__name__ == "_RotaryFunctionBackward"
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("case", ["llama_full", "neox_quarter"])
-def test_gradients_for_cos_and_sin_when_they_require_them(case):
+def test_gradients_for_cos_and_sin_when_they_require_them(case, fused):
     q, k, cos, sin = qk_and_tables(case, torch.float32)
     cos, sin = cos.clone().requires_grad_(), sin.clone().requires_grad_()
     tensors = [q, k, cos, sin]
-    got = sum((t * (i + 1)).sum() for i, t in enumerate(rope(q, k, cos, sin)))
+    got = sum((t * (i + 1)).sum() for i, t in enumerate(rope(q, k, cos, sin, fused=fused)))
     want = sum((t * (i + 1)).sum() for i, t in enumerate(CASES[case][0].apply_rotary_pos_emb(q, k, cos, sin)))
     for g, w in zip(torch.autograd.grad(got, tensors), torch.autograd.grad(want, tensors)):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)

@@ -14,10 +14,10 @@ from .fused import FusedBiasDropoutAddLayerNorm, FusedBiasGELU, bias_dropout_add
 from .gated_mlp import GatedMLP
 from .linear import LinearWithSeparateBias
 from .mlp import FusedMLP
+from .norm import RMSNorm, rms_norm
 from .qkv import FusedQKV
 from .registry import OPS, list_ops, register_op
-from .rms_norm import RMSNorm, rms_norm
-from .rope import FusedRoPE, rope
+from .rotary import FusedRoPE, rope
 
 __all__ = [
     "ATTENTION_BACKENDS",
