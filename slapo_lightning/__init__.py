@@ -4,8 +4,9 @@
 (``create_schedule``, ``build``, ``verify``, ``pattern.call_module``, ``op.attention``),
 ``apply_schedule`` for schedule specs, and ``ScheduleCallback`` for Lightning.
 """
-from . import op, pattern, primitives  # noqa: F401  (primitives register themselves)
-from .build import build
+from . import core, op, pattern  # noqa: F401  (primitives register themselves)
+from .core import build, create_schedule, list_primitives, register_leaf_function, register_primitive, verify
+from .core.schedule import Schedule
 from .errors import (
     BackendError,
     CheckpointMismatchError,
@@ -18,10 +19,6 @@ from .errors import (
     TraceError,
     VerificationError,
 )
-from .primitives import list_primitives, register_primitive
-from .schedule import Schedule, create_schedule
-from .tracer import register_leaf_function
-from .verify import verify
 
 __version__ = "0.1.0"
 

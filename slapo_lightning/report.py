@@ -23,6 +23,7 @@ class StepRecord:
     step: str
     detail: str = ""
     matches: int = 0
+    skipped_variants: list[str] = field(default_factory=list)  # variants that keep the original code
 
 
 @dataclass

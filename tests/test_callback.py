@@ -286,4 +286,9 @@ def test_built_by_hydra_and_traced_with_example_input_array(tmp_path):
     t = pl.Trainer(accelerator="cpu", logger=False, default_root_dir=tmp_path)
     callback.setup(t, module, "fit")
     assert (tmp_path / "report.json").is_file()
-    assert {op.apply_causal_mask for op in module.model.modules() if isinstance(op, FlashAttentionOp)} == {False}
+    attn = module.model.transformer.h[0].attn
+    # the padded example_input_array is the first specialisation (mask given: not causal); setup also
+    # built the unpadded variant (no mask: sdpa's is_causal)
+    first, *others = attn.specialisations
+    assert "attention_mask=tensor" in first.label and others
+    assert {op.apply_causal_mask for op in module.model.modules() if isinstance(op, FlashAttentionOp)} == {False, True}

@@ -87,12 +87,18 @@ def test_dropout_follows_train_and_eval_whatever_mode_it_was_traced_in():
             assert not torch.equal(train_a, a(**inputs).logits)
 
 
-def test_trace_specialises_on_mask_presence_and_refuses_the_other_kind():
+def test_a_call_of_another_kind_gets_its_own_specialisation_instead_of_an_error():
     model = tiny_models.gpt2("sdpa")
+    original = copy.deepcopy(model)
     sch = slapo.create_schedule(model, example_inputs=tiny_models.batch(padded=False))
-    sch.trace(flatten=True)
-    with pytest.raises(slapo.TraceError, match="traced with attention_mask=None but got a value"):
-        sch.mod(**tiny_models.batch(padded=True))
+    sch.trace(flatten=True, example_inputs=tiny_models.batch(padded=False))
+    assert len(sch.mod.specialisations) == 1
+    padded = tiny_models.batch(padded=True)
+    slapo.verify(original, sch.mod, padded, rtol=1e-4, atol=1e-5)
+    assert len(sch.mod.specialisations) == 2
+    assert sch.mod.specialisations[1].origin == "run time"
+    slapo.verify(original, sch.mod, tiny_models.batch(padded=False), rtol=1e-4, atol=1e-5)
+    assert len(sch.mod.specialisations) == 2
 
 
 class DataDependent(nn.Module):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..primitives.trace import original_use_cache
+from ..core.primitives.trace import original_use_cache
 
 
 def export_pretrained(model: PreTrainedModel, directory: str | Path, tokenizer: PreTrainedTokenizerBase | None = None) -> Path:

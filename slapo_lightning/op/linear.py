@@ -16,7 +16,7 @@ class LinearWithSeparateBias(nn.Linear):
     optimizers, tied weights and state_dict keys are unaffected.
     """
 
-    inline_when_flattened = True
+    traced_as_leaf = False
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "LinearWithSeparateBias":

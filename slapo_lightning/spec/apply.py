@@ -14,10 +14,11 @@ from torch import nn
 
 from ..errors import ScheduleError, SpecError, closest
 from ..report import ModuleChange, PassReport, Report, Skipped, StepRecord
-from ..schedule import Schedule, create_schedule
-from ..state_keys import keep_original_keys, moved_keys, tensor_keys
+from ..core.schedule import Schedule, create_schedule
+from ..core.state_keys import keep_original_keys, moved_keys, tensor_keys
 from .schema import PassSpec, load_spec
-from .snapshot import ModelSnapshot
+from ..core.edits import VariantError, variant_policy
+from ..core.snapshot import ModelSnapshot
 from .steps import NoMatch, select_all, step_kind
 
 
@@ -121,9 +122,10 @@ def _class_name(module: nn.Module) -> str:
 def _run_on_module(sch: Schedule, p: PassSpec) -> ModuleChange | Skipped:
     """All steps of ``p`` on one module, or why an optional pass found nothing to do there."""
     before = _Before(sch.mod)
+    policy = variant_policy("skip" if p.optional else "raise")
     if p.fn is not None:
         keys = tensor_keys(sch.mod)
-        with _context(p, sch, "fn"):
+        with _context(p, sch, "fn"), policy:
             _call_fn(sch, p)
         keep_original_keys(sch.mod, moved_keys(keys, sch.mod))
         return before.change(sch.path, sch.mod, [StepRecord("fn", p.fn, 1)])
@@ -131,9 +133,11 @@ def _run_on_module(sch: Schedule, p: PassSpec) -> ModuleChange | Skipped:
     undo = ModelSnapshot(sch.parent.mod if sch.parent is not None else sch.mod) if p.optional else None
     for index, step in enumerate(p.steps, start=1):
         try:
-            with _context(p, sch, f"step {index} ({step.kind})"):
+            with _context(p, sch, f"step {index} ({step.kind})"), variant_policy("skip" if p.optional else "raise"):
                 records.append(step_kind(step.kind).run(sch, dict(step.args)))
-        except NoMatch as exc:
+        except (NoMatch, VariantError) as exc:
+            if isinstance(exc, VariantError) and not p.optional:
+                raise
             if not p.optional:
                 raise SpecError(f"pass {p.name!r} at {sch.path or '<root>'} step {index} ({step.kind}): {exc} "
                                 f"(selector {' or '.join(map(repr, p.select or ('<root>',)))}; "
@@ -154,12 +158,15 @@ class _context:
 
     def __init__(self, p: PassSpec, sch: Schedule, what: str):
         self.where = f"pass {p.name!r} at {sch.path or '<root>'} {what}"
+        self.optional = p.optional
 
     def __enter__(self):
         return self
 
     def __exit__(self, exc_type, exc, tb):
         if exc is None or isinstance(exc, NoMatch) or not isinstance(exc, Exception):
+            return False
+        if isinstance(exc, VariantError) and self.optional:
             return False
         if isinstance(exc, ScheduleError):
             try:

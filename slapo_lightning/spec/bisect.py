@@ -9,7 +9,7 @@ from torch import nn
 
 from ..errors import VerificationError
 from ..tolerances import DEFAULT_ATOL, DEFAULT_RTOL
-from ..verify import verify
+from ..core.verify import verify
 from .apply import apply_schedule
 from .schema import ScheduleSpec
 

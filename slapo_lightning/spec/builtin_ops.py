@@ -13,7 +13,7 @@ from ..op import (FastDropout, FlashAttentionOp, FusedBiasDropoutAddLayerNorm, F
                   FusedMLP, FusedQKV, LinearWithSeparateBias)
 from ..errors import OpError
 from ..op.fused import gelu_approximate_for
-from ..tracer import train_only_probability
+from ..core.tracer import train_only_probability
 from .builtin_patterns import DROPOUT_TARGETS
 from .ops import Built, Match, register_op_factory
 

@@ -8,7 +8,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ..pattern import call_module
+from ..core.pattern import call_module
 from .patterns import Variant, register_pattern
 
 # -- q, k, v projections -------------------------------------------------------------------------

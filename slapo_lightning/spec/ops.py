@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import RegistryError, SpecError, unknown
 from ..op.registry import OPS
-from ..pattern import Subgraph
+from ..core.pattern import Subgraph
 from ..registry import Registry, import_object
 from .refs import is_import_path
 

@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 import torch.fx as fx
 
 from ..errors import PatternError, SpecError
-from ..pattern import Subgraph, is_node_predicate
+from ..core.pattern import Subgraph, is_node_predicate
 from ..registry import Registry
 from .refs import resolve
 

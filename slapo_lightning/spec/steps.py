@@ -9,16 +9,19 @@ primitive's signature.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch.fx as fx
+from torch import nn
 
-from ..errors import ReplaceError, SpecError, closest
-from ..pattern import Subgraph
-from ..primitives.fuse import COMPILERS
-from ..primitives.registry import PRIMITIVES
-from ..primitives.replace import unique_child_name
+from ..errors import OpError, ReplaceError, SpecError, closest
+from ..core.pattern import Subgraph
+from ..core.edits import apply_everywhere
+from ..core.primitives.fuse import COMPILERS
+from ..core.primitives.registry import PRIMITIVES
+from ..core.primitives.replace import unique_child_name
 from ..registry import Registry
 from ..report import StepRecord
 from .ops import Built, Match, build_op, resolve_op
@@ -197,27 +200,34 @@ def _bindable(group: Group, built: Built) -> list[Subgraph]:
 
 def _run_replace(sch, args: dict[str, Any]) -> StepRecord:
     op, target_args = resolve_op(args["op"])
-    op_args = {**target_args, **_op_args(args)}
-    base = args.get("name")
     detail = f"{args['pattern']} -> {op.name}" if args.get("pattern") else op.name
     if args.get("pattern") is None:
-        built = build_op(op, Match(sch), op_args)
+        built = build_op(op, Match(sch), {**target_args, **_op_args(args)})
         sch.replace(built.module)
         return StepRecord("replace", detail, 1)
+    return _in_every_variant(sch, "replace", args, detail)
+
+
+def _replace_matches(sch, args: dict[str, Any], edit: "StepEdit") -> int:
+    op, target_args = resolve_op(args["op"])
+    op_args = {**target_args, **_op_args(args)}
     pattern = resolve_pattern(args["pattern"])
+    ordinals = itertools.count()
 
     def replace(group: Group) -> None:
+        ordinal = next(ordinals)
         built = build_op(op, Match(sch, group.subgraphs, dict(group.variant.tags)), op_args)
-        name = unique_child_name(sch.mod, base) if base else None
+        module, name = edit.op_for(sch.mod, ordinal, built.module)
+        if name is None:
+            name = unique_child_name(sch.mod, args.get("name") or type(module).__name__)
+            if edit.recording:
+                edit.ops[ordinal] = name
         try:
-            sch.replace(built.module, target=_bindable(group, built), name=name, concrete_args=built.concrete_args)
+            sch.replace(module, target=_bindable(group, built), name=name, concrete_args=built.concrete_args)
         except ReplaceError as exc:
             raise ReplaceError(f"{op.name} for pattern {pattern.name!r} (variant {group.variant.fn.__name__}): {exc}") from exc
 
-    count = for_each_match(sch, pattern, replace)
-    if not count:
-        raise NoMatch(f"pattern {pattern.name!r} matches nothing")
-    return StepRecord("replace", detail, count)
+    return for_each_match(sch, pattern, replace)
 
 
 def _check_replace(args: dict[str, Any]) -> list[str]:
@@ -248,11 +258,12 @@ register_step(StepKind("replace", {"pattern": Param(None), "op": Param(required=
 # -- fuse --------------------------------------------------------------------------------------------
 
 def _run_fuse(sch, args: dict[str, Any]) -> StepRecord:
+    return _in_every_variant(sch, "fuse", args, f"{args['pattern']}, {args['compiler']}")
+
+
+def _fuse_matches(sch, args: dict[str, Any], edit: "StepEdit") -> int:
     pattern = resolve_pattern(args["pattern"])
-    count = for_each_match(sch, pattern, lambda g: sch.fuse(g.subgraphs, compiler=args["compiler"], name=args["name"]))
-    if not count:
-        raise NoMatch(f"pattern {pattern.name!r} matches nothing")
-    return StepRecord("fuse", f"{pattern.name}, {args['compiler']}", count)
+    return for_each_match(sch, pattern, lambda g: sch.fuse(g.subgraphs, compiler=args["compiler"], name=args["name"]))
 
 
 register_step(StepKind(
@@ -266,15 +277,84 @@ def _run_checkpoint(sch, args: dict[str, Any]) -> StepRecord:
     if args.get("pattern") is None:
         sch.checkpoint()
         return StepRecord("checkpoint", "", 1)
+    return _in_every_variant(sch, "checkpoint", args, str(args["pattern"]))
+
+
+def _checkpoint_matches(sch, args: dict[str, Any], edit: "StepEdit") -> int:
     pattern = resolve_pattern(args["pattern"])
-    count = for_each_match(sch, pattern, lambda g: sch.checkpoint(g.subgraphs))
-    if not count:
-        raise NoMatch(f"pattern {pattern.name!r} matches nothing")
-    return StepRecord("checkpoint", pattern.name, count)
+    return for_each_match(sch, pattern, lambda g: sch.checkpoint(g.subgraphs))
 
 
 register_step(StepKind("checkpoint", {"pattern": Param(None)}, _run_checkpoint,
                        lambda a: _check_pattern(a, required=False)))
+
+
+# -- pattern steps hold in every specialisation ---------------------------------------------------
+
+MATCH_ACTIONS: dict[str, Callable[[Any, dict[str, Any], "StepEdit"], int]] = {
+    "replace": _replace_matches, "fuse": _fuse_matches, "checkpoint": _checkpoint_matches}
+"""Pattern steps: ``fn(sch, args, edit) -> number of matches handled`` on the active graph."""
+
+
+@dataclass
+class StepEdit:
+    """A pattern step, made again on another specialisation of the module: the whole step runs
+    again (a mask-present trace matches the masked variant of the pattern), and the op built
+    for the n-th match is the very instance the first application built (``ops``: n -> child)."""
+
+    description: str
+    kind: str
+    args: dict[str, Any]
+    ops: dict[int, str] = field(default_factory=dict)
+    recording: bool = False
+
+    def run(self, sch, first: bool) -> int:
+        self.recording = first
+        try:
+            return MATCH_ACTIONS[self.kind](sch, self.args, self)
+        finally:
+            self.recording = False
+
+    def replay(self, holder) -> None:
+        from ..core.schedule import create_schedule
+
+        if not self.run(create_schedule(holder), first=False):
+            raise NoMatch(f"pattern {self.args.get('pattern')!r} matches nothing in this variant")
+
+    def op_for(self, gm, ordinal: int, fresh: nn.Module) -> tuple[nn.Module, str | None]:
+        """The op to call for match ``ordinal``: the first application's instance when it is
+        configured alike, else the fresh one when it holds no tensors of its own."""
+        name = None if self.recording else self.ops.get(ordinal)
+        cached = getattr(gm, name, None) if name else None
+        if cached is not None and type(cached) is type(fresh) and _same_config(cached, fresh):
+            return cached, name
+        if self.recording or not _owns_new_tensors(fresh, gm):
+            return fresh, None
+        raise OpError(f"this variant needs a {type(fresh).__name__} configured as ({fresh.extra_repr()}), unlike "
+                      f"the one the other variants share"
+                      + (f" ({cached.extra_repr()})" if cached is not None else "")
+                      + ", and a second one would hold weights of its own")
+
+
+def _same_config(a: nn.Module, b: nn.Module) -> bool:
+    shapes = lambda m: [(k, tuple(v.shape)) for k, v in m.state_dict(keep_vars=True).items()]  # noqa: E731
+    return a.extra_repr() == b.extra_repr() and shapes(a) == shapes(b)
+
+
+def _owns_new_tensors(module: nn.Module, gm: nn.Module) -> bool:
+    known = {id(t) for t in gm.state_dict(keep_vars=True).values()}
+    return any(id(t) not in known for t in module.state_dict(keep_vars=True).values())
+
+
+def _in_every_variant(sch, kind: str, args: dict[str, Any], detail: str) -> StepRecord:
+    """Run a pattern step on the active specialisation and again on every other one."""
+    if not isinstance(sch.mod, fx.GraphModule):
+        sch.trace()
+    edit = StepEdit(f"{kind} {detail}", kind, dict(args))
+    result = apply_everywhere(sch.mod, edit, lambda: edit.run(sch, first=True))
+    if not result.value:
+        raise NoMatch(f"pattern {args['pattern']!r} matches nothing")
+    return StepRecord(kind, detail, result.value, skipped_variants=result.skipped)
 
 
 # -- any other primitive -------------------------------------------------------------------------------

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..errors import ScheduleError
-from ..op.linear import LinearWithSeparateBias
+from ...errors import ScheduleError
+from ...op.linear import LinearWithSeparateBias
 from .registry import register_primitive
 
 

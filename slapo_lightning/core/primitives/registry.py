@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ..registry import Registry
+from ...registry import Registry
 
 PRIMITIVES: Registry = Registry("primitive")
 

@@ -13,9 +13,9 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from .errors import PathError, ScheduleError, closest
+from ..errors import PathError, ScheduleError, closest
+from ..registry import import_object
 from .primitives.registry import PRIMITIVES
-from .registry import import_object
 from .tracer import CallArgs, training_defaults
 
 
@@ -89,11 +89,24 @@ class Schedule:
 
     # -- example inputs (for tracing HF code with concrete values) -----------------------------------
     def example_inputs(self) -> Any:
-        """Inputs this module was seen called with, captured from a run of the root model."""
+        """The first input this module was seen called with (from a run of the root model)."""
+        variants = self.example_variants()
+        return variants[0] if variants else None
+
+    def example_variants(self) -> list[Any]:
+        """The distinct kinds of input this module was seen called with: one per training variant
+        of the root's example batch (no mask, all-ones mask, padding) that reached it differently."""
         return self._root.examples_for(self.path)
 
-    def record_example_inputs(self, path: str, args: tuple, kwargs: dict) -> None:
-        self._root.recorded[path] = (args, kwargs)
+    def record_example_inputs(self, path: str, calls: list) -> None:
+        """Add the distinct calls of ``path`` a trace of its parent saw."""
+        recorded = self._root.recorded.setdefault(path, [])
+        kinds = {_call_kind(tuple(c.args), dict(c.kwargs)) for c in recorded}
+        for call in calls:
+            kind = _call_kind(tuple(call.args), dict(call.kwargs))
+            if kind not in kinds:
+                kinds.add(kind)
+                recorded.append(call)
 
     # -- primitives --------------------------------------------------------------------------------
     def __getattr__(self, name: str) -> Callable:
@@ -118,45 +131,53 @@ class _Root:
     def __init__(self, module: nn.Module, example_inputs: Any = None):
         self.module = module
         self.example_inputs = example_inputs
-        self.recorded: dict[str, tuple[tuple, dict]] = {}
+        self.recorded: dict[str, list[CallArgs]] = {}
         self._captured = False
 
-    def examples_for(self, path: str) -> Any:
+    def examples_for(self, path: str) -> list[Any]:
         if path not in self.recorded and not self._captured:
             self._capture()
         if path in self.recorded:
-            args, kwargs = self.recorded[path]
-            return _as_example(args, kwargs)
-        if not path and self.example_inputs is not None:
-            return self.example_inputs
-        return None
+            return list(self.recorded[path])
+        if not path:
+            return list(self._root_variants())
+        return []
 
-    def _capture(self) -> None:
-        """Run the root once on its example inputs, recording what every submodule receives."""
-        self._captured = True
+    def _root_variants(self) -> list[Any]:
         example = self.example_inputs if self.example_inputs is not None else _hf_dummy_inputs(self.module)
         if example is None:
+            return []
+        return training_variants(self.module, example)
+
+    def _capture(self) -> None:
+        """Run the root on each variant of its example inputs, recording the distinct inputs every
+        submodule receives (a layer sees ``attention_mask=None`` for an unpadded batch)."""
+        self._captured = True
+        variants = self._root_variants()
+        if not variants:
             return
-        if isinstance(example, dict):
-            example = {**training_defaults(self.module), **example}
         names = {m: p for p, m in self.module.named_modules()}
-        handles = []
+        seen: dict[str, set] = {}
 
         def record(module, args, kwargs):
             path = names.get(module)
-            if path is not None and path not in self.recorded:
-                self.recorded[path] = (args, dict(kwargs))
+            if path is None:
+                return
+            kind = _call_kind(args, kwargs)
+            if kind not in seen.setdefault(path, set()):
+                seen[path].add(kind)
+                self.recorded.setdefault(path, []).append(CallArgs(tuple(args), dict(kwargs)))
 
-        for module in names:
-            handles.append(module.register_forward_pre_hook(record, with_kwargs=True))
+        handles = [module.register_forward_pre_hook(record, with_kwargs=True) for module in names]
         was_training = self.module.training
         try:
             self.module.eval()
             with torch.no_grad(), torch.random.fork_rng(devices=[]):
-                if isinstance(example, dict):
-                    self.module(**example)
-                else:
-                    self.module(*example)
+                for example in variants:
+                    if isinstance(example, dict):
+                        self.module(**example)
+                    else:
+                        self.module(*example)
         except Exception as exc:
             raise ScheduleError(f"running the model on its example inputs failed: {type(exc).__name__}: {exc}") from exc
         finally:
@@ -165,12 +186,43 @@ class _Root:
             self.module.train(was_training)
 
 
-def _as_example(args: tuple, kwargs: dict) -> CallArgs:
-    return CallArgs(tuple(args), dict(kwargs))
+def _call_kind(args: tuple, kwargs: dict) -> tuple:
+    """What tells two calls apart for tracing: None-ness, flags, dtypes and ranks of the arguments."""
+    def kind(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return ("tensor", v.dtype, v.dim())
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return v
+        if isinstance(v, (tuple, list)):
+            return tuple(kind(x) for x in v)
+        return type(v).__name__
+    return tuple(kind(a) for a in args), tuple(sorted((k, kind(v)) for k, v in kwargs.items()))
+
+
+def training_variants(model: nn.Module, example: Any) -> list[Any]:
+    """The example, then the kinds of batch a padding collator also produces: for a Hugging Face
+    model called with ``input_ids``, the same ids without a mask, with an all-ones mask and with
+    padding (so the layers see both ``attention_mask=None`` and a mask tensor)."""
+    if isinstance(example, dict):
+        example = {**training_defaults(model), **example}
+    ids = example.get("input_ids") if isinstance(example, dict) else None
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[1] < 2:
+        return [example]
+    base = {k: v for k, v in example.items() if k != "attention_mask"}
+    padded = torch.ones_like(ids)
+    padded[0, -max(1, ids.shape[1] // 4):] = 0
+    variants = [example, base, {**base, "attention_mask": torch.ones_like(ids)}, {**base, "attention_mask": padded}]
+    unique, seen = [], set()
+    for v in variants:
+        kind = (tuple(sorted(v)), bool(isinstance(v.get("attention_mask"), torch.Tensor) and (v["attention_mask"] == 0).any()))
+        if kind not in seen:
+            seen.add(kind)
+            unique.append(v)
+    return unique
 
 
 def _hf_dummy_inputs(model: nn.Module) -> dict | None:
-    """A small packed batch for Hugging Face models (no padding: the common training case)."""
+    """A small batch of token ids for Hugging Face models (variants with masks are derived)."""
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if not vocab or getattr(model, "main_input_name", None) != "input_ids":
         return None

@@ -6,7 +6,7 @@ from typing import Any, Callable
 import torch.fx as fx
 from torch import nn
 
-from .errors import ScheduleError
+from ..errors import ScheduleError
 from .schedule import Schedule
 
 

@@ -1,10 +1,12 @@
 """``sch.replace(new, target)``: swap a whole module, one subgraph, or several sharing an input.
 
 Everything that can fail (argument binding, placement) is checked before the graph changes, so a
-failing replace leaves the model as it was.
+failing replace leaves the model as it was. A subgraph replacement holds in every specialisation
+of a traced module (``core.edits``): the same op instance, called from each variant's graph.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import operator
 from typing import Any
@@ -12,8 +14,9 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
-from ..errors import ReplaceError
+from ...errors import ReplaceError
 from ..pattern import Subgraph
+from ..edits import PatternEdit, apply_everywhere
 from ..state_keys import alias_split_state, keep_original_keys, moved_keys, supports_split_state, tensor_keys
 from ..tracer import forward_signature
 from .registry import register_primitive
@@ -80,22 +83,11 @@ def _insertion_point(graph: fx.Graph, subgraphs: list[Subgraph], bound: dict[str
     return list(graph.nodes)[first_user]
 
 
-def _erase(gm: fx.GraphModule, nodes: list[fx.Node]) -> set[str]:
-    """Erase the replaced nodes (last first); return the module targets they called."""
-    called = set()
+def _erase(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
+    """Erase the replaced nodes (last first)."""
     for node in reversed(nodes):
         if not node.users:
-            if node.op == "call_module":
-                called.add(node.target)
             gm.graph.erase_node(node)
-    return called
-
-
-def _drop_unused_modules(gm: fx.GraphModule, targets: set[str]) -> None:
-    still_used = {n.target for n in gm.graph.nodes if n.op in ("call_module", "get_attr")}
-    for target in targets:
-        if not any(u == target or u.startswith(target + ".") for u in still_used):
-            gm.delete_submodule(target)
 
 
 def _check_same_graph(gm: fx.GraphModule, subgraphs: list[Subgraph], path: str) -> None:
@@ -112,8 +104,8 @@ def replace(sch, new: nn.Module, target: Any = None, name: str | None = None,
     if not isinstance(new, nn.Module):
         raise ReplaceError(f"replace expects an nn.Module, got {type(new).__name__}")
     new.train(sch.mod.training)  # a fresh op would otherwise run dropout inside an eval-mode model
-    keys_before = tensor_keys(sch.mod)
     if target is None:
+        keys_before = tensor_keys(sch.mod)
         sch.replace_module(new)
         keep_original_keys(new, moved_keys(keys_before, new))
         return new
@@ -122,19 +114,32 @@ def replace(sch, new: nn.Module, target: Any = None, name: str | None = None,
         raise ReplaceError(f"{sch.path or '<root>'} is not traced; call trace() or find() first")
     subgraphs = as_subgraph_list(target)
     _check_same_graph(gm, subgraphs, sch.path)
+    child_name = name or unique_child_name(gm, type(new).__name__)
+    if hasattr(gm, child_name) and getattr(gm, child_name) is not new:
+        raise ReplaceError(f"{sch.path or '<root>'} already has a child named {child_name!r}")
+    edit = PatternEdit(f"replace -> {type(new).__name__} ({child_name})", [sg.origin for sg in subgraphs],
+                       functools.partial(replace_in_graph, child_name=child_name, concrete_args=concrete_args,
+                                         path=sch.path))
+    apply_everywhere(gm, edit, lambda: replace_in_graph(gm, subgraphs, child_name, concrete_args, sch.path, new=new))
+    return new
+
+
+def replace_in_graph(gm: fx.GraphModule, subgraphs: list[Subgraph], child_name: str,
+                     concrete_args: dict[str, Any] | None, path: str, new: nn.Module | None = None) -> None:
+    """Call ``gm.<child_name>`` (``new`` added as that child if given) in place of ``subgraphs``
+    in ``gm``'s active graph."""
+    module = new if new is not None else gm.get_submodule(child_name)
     first = subgraphs[0]
     if any(list(sg.inputs) != list(first.inputs) for sg in subgraphs[1:]):
         raise ReplaceError("horizontal replace needs subgraphs that share their inputs")
     if len(subgraphs) > 1 and any(len(sg.outputs) != 1 for sg in subgraphs):
         raise ReplaceError("horizontal replace needs subgraphs with one output each")
-    bound = bind_arguments(new, first.param_names, first.inputs, concrete_args)
+    bound = bind_arguments(module, first.param_names, first.inputs, concrete_args)
     anchor = _insertion_point(gm.graph, subgraphs, bound)
-    child_name = name or unique_child_name(gm, type(new).__name__)
-    if hasattr(gm, child_name):
-        raise ReplaceError(f"{sch.path or '<root>'} already has a child named {child_name!r}")
     original_modules = [[n.target for n in sg.nodes if n.op == "call_module"] for sg in subgraphs]
-
-    gm.add_submodule(child_name, new)
+    first_time = not hasattr(gm, child_name)
+    if first_time:
+        gm.add_submodule(child_name, module)
     with gm.graph.inserting_before(anchor):
         call = gm.graph.call_module(child_name, kwargs=bound)
         outputs = [out for sg in subgraphs for out in sg.outputs]
@@ -143,12 +148,8 @@ def replace(sch, new: nn.Module, target: Any = None, name: str | None = None,
         else:
             for i, out in enumerate(outputs):
                 out.replace_all_uses_with(gm.graph.call_function(operator.getitem, (call, i)))
-    removed = _erase(gm, sorted({n for sg in subgraphs for n in sg.nodes}, key=list(gm.graph.nodes).index))
-    if len(subgraphs) > 1 and supports_split_state(new) and all(len(m) == 1 for m in original_modules):
+    _erase(gm, sorted({n for sg in subgraphs for n in sg.nodes}, key=list(gm.graph.nodes).index))
+    if first_time and len(subgraphs) > 1 and supports_split_state(module) and all(len(m) == 1 for m in original_modules):
         alias_split_state(gm, child_name, [m[0] for m in original_modules])
-    _drop_unused_modules(gm, removed)
-    keep_original_keys(gm, moved_keys(keys_before, gm))
     gm.graph.lint()
     gm.recompile()
-    return new
-

@@ -5,7 +5,7 @@ from typing import Callable
 
 import torch.fx as fx
 
-from ..pattern import Subgraph, find_nodes, find_subgraphs, is_node_predicate
+from ..pattern import Subgraph, find_matches
 from .registry import register_primitive
 
 
@@ -17,14 +17,12 @@ def _traced(sch) -> fx.GraphModule:
 
 @register_primitive("find")
 def find(sch, pattern: Callable) -> list[Subgraph]:
-    """Matches in graph order; traces the module first if needed. No match gives ``[]``."""
-    gm = _traced(sch)
-    if is_node_predicate(pattern):
-        return find_nodes(gm, sch.path, pattern)
-    return find_subgraphs(gm, sch.path, pattern)
+    """Matches in graph order; traces the module first if needed. No match gives ``[]``.
+    Node paths are relative to ``sch``: ``[[('', add), ('', gelu)]]``."""
+    return find_matches(_traced(sch), pattern)
 
 
 @register_primitive("find_node")
 def find_node(sch, predicate: Callable[[fx.Node], bool]) -> list[Subgraph]:
     """Single-node subgraphs for every node the predicate accepts."""
-    return find_nodes(_traced(sch), sch.path, predicate)
+    return find_matches(_traced(sch), predicate, predicate=True)

@@ -14,16 +14,23 @@ from typing import Any
 import torch.fx as fx
 from torch import nn
 
+from .tracer import TracedModule
+
 
 class ModelSnapshot:
     """The structure of ``root`` and of every module under it at construction time."""
 
     def __init__(self, root: nn.Module):
-        self._states: list[tuple[nn.Module, dict[str, Any], dict[int, dict], fx.Graph | None]] = []
+        self._states: list[tuple[nn.Module, dict[str, Any], dict[int, dict], Any]] = []
         for module in root.modules():
             attrs = dict(module.__dict__)
             contents = {id(v): dict(v) for v in attrs.values() if isinstance(v, dict)}
-            graph = copy.deepcopy(module.graph) if isinstance(module, fx.GraphModule) else None
+            if isinstance(module, TracedModule):
+                graph: Any = module.snapshot_specialisations()
+            elif isinstance(module, fx.GraphModule):
+                graph = copy.deepcopy(module.graph)
+            else:
+                graph = None
             self._states.append((module, attrs, contents, graph))
 
     def restore(self) -> None:
@@ -36,5 +43,7 @@ class ModelSnapshot:
                 if isinstance(value, dict) and id(value) in contents:
                     value.clear()
                     value.update(contents[id(value)])
-            if graph is not None:
+            if callable(graph):
+                graph()  # every specialisation's graph, code and edit log
+            elif graph is not None:
                 module.graph = graph  # the setter recompiles the code from the recorded graph

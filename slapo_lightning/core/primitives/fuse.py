@@ -7,6 +7,7 @@ parent, so dropout in a fused region follows ``.train()`` / ``.eval()``.
 """
 from __future__ import annotations
 
+import functools
 import operator
 import warnings
 from typing import Any, Callable
@@ -17,8 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.utils.fuser_utils import fuse_as_graphmodule
 
-from ..errors import FuseError
-from ..registry import Registry
+from ...errors import FuseError
+from ...registry import Registry
+from ..edits import PatternEdit, apply_everywhere
 from .registry import register_primitive
 from .replace import as_subgraph_list, unique_child_name
 
@@ -152,17 +154,27 @@ def _annotate_flags(sub_gm: fx.GraphModule, inputs: tuple[fx.Node, ...]) -> None
 
 @register_primitive("fuse")
 def fuse(sch, subgraph: Any, compiler: str | None = "inductor", name: str = "FusedModule") -> list[FusedModule]:
-    """Fuse each subgraph into a child ``<name>_<n>`` compiled with ``compiler`` (None: just group)."""
+    """Fuse each subgraph into a child ``<name>_<n>`` compiled with ``compiler`` (None: just group);
+    in every specialisation of a traced module."""
     gm = sch.mod
     if not isinstance(gm, fx.GraphModule):
         raise FuseError(f"{sch.path or '<root>'} is not traced; call trace() first")
     if compiler is not None:
         COMPILERS.get(compiler)
-    fused = []
-    for sg in as_subgraph_list(subgraph):
+    subgraphs = as_subgraph_list(subgraph)
+    for sg in subgraphs:
         if any(n.graph is not gm.graph or n._erased for n in sg.nodes):
             raise FuseError(f"a subgraph does not belong to the current graph of {sch.path or '<root>'}; call find() again")
-        nodes = _functionalize(gm, sg.nodes, sch.path)
+    action = functools.partial(fuse_in_graph, compiler=compiler, name=name, path=sch.path)
+    edit = PatternEdit(f"fuse ({name}, {compiler})", [sg.origin for sg in subgraphs], action)
+    return apply_everywhere(gm, edit, lambda: action(gm, subgraphs)).value
+
+
+def fuse_in_graph(gm: fx.GraphModule, subgraphs: list, compiler: str | None, name: str, path: str) -> list[FusedModule]:
+    """Fuse ``subgraphs`` of ``gm``'s active graph into new children."""
+    fused = []
+    for sg in subgraphs:
+        nodes = _functionalize(gm, sg.nodes, path)
         child_name = unique_child_name(gm, name)
         sub_gm, inputs, outputs = fuse_as_graphmodule(gm, nodes, child_name)
         _annotate_flags(sub_gm, inputs)

@@ -6,7 +6,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import VerificationError
+from ..errors import VerificationError
 
 
 def _tensor_leaves(value: Any, name: str = "output") -> dict[str, torch.Tensor]:
