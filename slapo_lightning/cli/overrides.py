@@ -8,9 +8,13 @@ valid.
 from __future__ import annotations
 
 import collections.abc
+import re
 import types
 import typing
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
@@ -23,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..errors import RecipeError, ScheduleError, unknown
+from ..spec import load_spec
 
 CONFIG_MODULE = "slapo_lightning.configs"
 CONFIG_NAME = "train"
@@ -181,6 +186,57 @@ def _describe(annotation: Any) -> str:
     return getattr(annotation, "__name__", str(annotation))
 
 
+SCHEDULE_FILE_SUFFIXES = (".yaml", ".yml")
+_GRAMMAR_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+
+
+def is_schedule_file(value: str) -> bool:
+    """``schedule=<value>`` names a YAML file rather than a shipped schedule."""
+    return value.endswith(SCHEDULE_FILE_SUFFIXES) or "/" in value or value.startswith("~") or (
+        Path(value).expanduser().is_file())
+
+
+def schedule_file_overrides(overrides: list[str]) -> list[str]:
+    """``schedule=/path/my.yaml`` becomes ``schedule=none ++schedule.passes={...the file's passes...}``:
+    the user's spec is then part of the composed (and saved) config like a shipped one, and later
+    overrides such as ``schedule.passes.my_pass.enabled=false`` apply to it (every pass gets its
+    default ``enabled: true`` written out for that)."""
+    out: list[str] = []
+    for line in overrides:
+        key, sep, value = line.partition("=")
+        value = value.strip().strip("'\"")
+        if not sep or key.strip() != "schedule" or not value or not is_schedule_file(value):
+            out.append(line)
+            continue
+        path = Path(value).expanduser()
+        load_spec(path)  # SpecError naming the file: missing, malformed YAML or an invalid spec
+        data = yaml.safe_load(path.read_text()) or {}
+        passes = {name: {"enabled": True, **(body or {})} for name, body in (data.get("passes") or {}).items()}
+        out.extend(["schedule=none", f"++schedule.passes={_grammar(passes, where=str(value))}"])
+    return out
+
+
+def _grammar(value: Any, where: str) -> str:
+    """``value`` written in Hydra's override grammar."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_grammar(v, where) for v in value) + "]"
+    if isinstance(value, dict):
+        for key in value:
+            if not isinstance(key, str) or not _GRAMMAR_KEY.match(key):
+                raise RecipeError(f"schedule file {where!r}: key {key!r} cannot be passed through Hydra; use names "
+                                  "of letters, digits, '_' and '-'")
+        return "{" + ", ".join(f"{k}: {_grammar(v, where)}" for k, v in value.items()) + "}"
+    raise RecipeError(f"schedule file {where!r}: value {value!r} of type {type(value).__name__} is not YAML data")
+
+
 def check_overrides(overrides: list[str], config_name: str = CONFIG_NAME) -> DictConfig:
     """Compose ``config_name`` with ``overrides``; raise ``RecipeError`` naming the first bad one.
 
@@ -199,7 +255,9 @@ def check_overrides(overrides: list[str], config_name: str = CONFIG_NAME) -> Dic
         group_overrides = [o for o in parsed if groups[o.key_or_group]]
         for override in group_overrides:
             _check_group(override, groups[override.key_or_group])
-        base = compose(config_name, overrides=[o.input_line for o in group_overrides])
+        # force-adds (``++key=value``, e.g. a schedule file's passes) are part of the tree the later keys are checked in
+        forced = [o for o in parsed if not groups[o.key_or_group] and o.is_force_add()]
+        base = compose(config_name, overrides=[o.input_line for o in group_overrides + forced])
         tree = OmegaConf.to_container(base, resolve=False)
         for override in parsed:
             if not groups[override.key_or_group]:

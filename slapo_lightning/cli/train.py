@@ -1,15 +1,20 @@
 """``slapo-train``: train a recipe (model + data + schedule + trainer) composed by Hydra.
 
-    slapo-train recipe=gpt2 trainer.max_steps=200 schedule.passes.fused_qkv.enabled=false
+    slapo-train recipe=gpt2 trainer.max_steps=200 schedule.passes.flash_attention.enabled=false
+    slapo-train recipe=bert schedule=/path/to/my_schedule.yaml
 
-Also ``python -m slapo_lightning.cli``. Bad input (unknown recipe, key or value, missing path)
-is reported as one ``error:`` line on stderr with a non-zero exit; ``HYDRA_FULL_ERROR=1`` shows
-the traceback instead.
+Also ``python -m slapo_lightning.cli``. Everything the user typed is checked before Hydra makes
+the run directory (``overrides.check_overrides`` for keys, groups and types, ``values.check_values``
+for ranges, paths, the checkpoint, the schedule, the callbacks and the Trainer's own arguments);
+what can only fail later (a checkpoint that does not fit the model, too little text) is reported
+the same way, and the run directory this run made is removed again. Every such mistake is one
+``error:`` line on stderr and exit code 2; ``HYDRA_FULL_ERROR=1`` shows the traceback instead.
 """
 from __future__ import annotations
 
 import math
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,15 +22,18 @@ from typing import Any
 import hydra
 import lightning.pytorch as pl
 from hydra._internal.utils import get_args_parser
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ..errors import RecipeError
+from ..errors import RecipeError, ScheduleError
 from ..lightning.callback import ScheduleCallback
 from ..lightning.export import export_pretrained
-from .overrides import CONFIG_NAME, USER_ERRORS, check_overrides, one_line
+from .overrides import CONFIG_NAME, USER_ERRORS, check_overrides, one_line, schedule_file_overrides
+from .values import check_checkpoint_file, check_values
 
 EXIT_USER_ERROR = 2
+_FRESH_RUN_DIR = "SLAPO_TRAIN_FRESH_RUN_DIR"  # set by main() when the run directory did not exist before
 
 
 def tokenizer_token_ids(tokenizer) -> dict[str, int]:
@@ -45,16 +53,59 @@ def instantiate_named(group: DictConfig | None) -> list[Any]:
     return [instantiate(node) for node in (group or {}).values() if node is not None]
 
 
+def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
+    """The configured callbacks, less the progress bar and the summary when the trainer turns them off."""
+    from lightning.pytorch.callbacks import ModelSummary, ProgressBar
+
+    callbacks = instantiate_named(cfg.callbacks)
+    if not cfg.trainer.get("enable_progress_bar", True):
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    if not cfg.trainer.get("enable_model_summary", True):
+        callbacks = [c for c in callbacks if not isinstance(c, ModelSummary)]
+    return callbacks
+
+
+def check_checkpoint_fits(ckpt_path: str, module: pl.LightningModule) -> None:
+    """The checkpoint's weights must be this model's (same keys and shapes; checkpoints keep the
+    original model's keys under any schedule), else the resume would fail deep inside Lightning."""
+    saved = check_checkpoint_file(ckpt_path)["state_dict"]
+    own = module.state_dict()
+    missing = [k for k in own if k not in saved]
+    unexpected = [k for k in saved if k not in own]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} of this model's weights are not in it (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"it has {len(unexpected)} weights this model lacks (e.g. {unexpected[0]})")
+        raise RecipeError(f"ckpt_path: {ckpt_path!r} was saved from another model: {'; '.join(parts)}; resume with "
+                          "the recipe and model.size it was trained with")
+    for key, tensor in own.items():
+        if tuple(saved[key].shape) != tuple(tensor.shape):
+            raise RecipeError(f"ckpt_path: {ckpt_path!r} was saved from another model: {key} has shape "
+                              f"{tuple(saved[key].shape)} there and {tuple(tensor.shape)} here (another model.size, "
+                              "data.vocab_size or tokenizer); resume with the settings it was trained with")
+
+
+def example_batch(datamodule, rows: int = 1) -> dict:
+    """The first ``rows`` training items, collated as a training batch (for counting FLOPs)."""
+    datamodule.setup("fit")
+    return datamodule.collate([datamodule.train_set[i] for i in range(rows)])
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit the recipe, validate once more, export if asked; returns what went where."""
-    pl.seed_everything(cfg.seed, workers=True)
-    if cfg.ckpt_path and not Path(cfg.ckpt_path).expanduser().is_file():
-        raise RecipeError(f"ckpt_path: {cfg.ckpt_path!r} is not a checkpoint file")
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    if cfg.ckpt_path:
+        check_checkpoint_file(cfg.ckpt_path)
     datamodule = instantiate(cfg.data, _convert_="all")
     tokenizer = datamodule.tokenizer
     module = instantiate(cfg.model, _convert_="all", vocab_size=len(tokenizer), token_ids=tokenizer_token_ids(tokenizer))
     module.check_sequence_length(datamodule.seq_len)
-    trainer = instantiate(cfg.trainer, callbacks=instantiate_named(cfg.callbacks), logger=instantiate_named(cfg.logger) or False)
+    if cfg.ckpt_path:
+        check_checkpoint_fits(cfg.ckpt_path, module)
+    module.measure_flops(example_batch(datamodule), datamodule.batch_size)
+    trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=instantiate_named(cfg.logger) or False)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     result: dict[str, Any] = {"run_dir": str(cfg.run_dir), "log_dir": trainer.log_dir, "global_step": trainer.global_step}
     if cfg.validate_after_fit and not trainer.fast_dev_run:
@@ -87,32 +138,97 @@ def print_summary(result: dict[str, Any]) -> None:
             print(f"{label}: {value:.4f}" if isinstance(value, float) else f"{label}: {value}")
 
 
+def report_user_error(exc: BaseException) -> None:
+    """The one line (or the traceback with ``HYDRA_FULL_ERROR=1``), then exit code 2."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise exc
+    print(f"error: {one_line(exc)}", file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)
+
+
 def _run(cfg: DictConfig) -> None:
     try:
         train(cfg)
     except USER_ERRORS as exc:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"error: {one_line(exc)}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+        _remove_fresh_run_dir()
+        report_user_error(exc)
+
+
+def _remove_fresh_run_dir() -> None:
+    """A failed run leaves nothing behind: the run directory goes if this run created it."""
+    fresh = os.environ.get(_FRESH_RUN_DIR)
+    try:
+        output = Path(HydraConfig.get().runtime.output_dir)
+    except Exception:  # noqa: BLE001 - not under Hydra
+        return
+    if fresh and Path(fresh).resolve() == output.resolve() and output.is_dir():
+        import logging
+
+        logging.shutdown()  # Hydra's log file handler holds <run>/train.log open
+        shutil.rmtree(output, ignore_errors=True)
+        parent = output.parent
+        while parent != parent.parent and parent.is_dir() and not any(parent.iterdir()) and parent.name != "":
+            parent.rmdir()  # outputs/<recipe>/ made for this run alone
+            parent = parent.parent
+            if parent == Path.cwd() or parent == Path(".").resolve():
+                break
 
 
 _hydra_main = hydra.main(config_path="pkg://slapo_lightning.configs", config_name=CONFIG_NAME, version_base="1.3")(_run)
 
 
-def main() -> None:
-    """Console script: check the overrides in one place, then let Hydra run the job."""
+def main(argv: list[str] | None = None) -> None:
+    """Console script: check everything the user typed, then let Hydra run the job."""
+    if argv is not None:
+        sys.argv = [sys.argv[0] if sys.argv else "slapo-train", *argv]
     args, _ = get_args_parser().parse_known_args()
-    checkable = not (args.multirun or args.help or args.hydra_help or args.info or args.cfg or args.config_path or args.config_dir or args.shell_completion)
-    if checkable:
+    checkable = not (args.multirun or args.help or args.hydra_help or args.info or args.cfg or args.config_path
+                     or args.config_dir or args.shell_completion)
+    if checkable and "LOCAL_RANK" not in os.environ:  # DDP ranks > 0 re-run a command rank 0 has checked
+        os.environ.pop(_FRESH_RUN_DIR, None)
         try:
-            check_overrides(args.overrides, args.config_name or CONFIG_NAME)
+            overrides = schedule_file_overrides(args.overrides)
+            cfg = check_overrides(overrides, args.config_name or CONFIG_NAME)
+            run_dir = _pin_run_dir(cfg)
+            check_values(cfg)
         except USER_ERRORS as exc:
-            if os.environ.get("HYDRA_FULL_ERROR") == "1":
-                raise
-            print(f"error: {one_line(exc)}", file=sys.stderr)
-            sys.exit(EXIT_USER_ERROR)
+            report_user_error(exc)
+        finally:
+            HydraConfig.instance().cfg = None
+        if not any(o.startswith("hydra.run.dir=") for o in overrides):
+            overrides.append(f"hydra.run.dir={_quote(run_dir)}")
+        if not Path(run_dir).exists():
+            os.environ[_FRESH_RUN_DIR] = str(Path(run_dir).resolve())
+        sys.argv = [sys.argv[0], *_flags(sys.argv[1:], args.overrides), *overrides]
     _hydra_main()
+
+
+def _pin_run_dir(cfg: DictConfig) -> str:
+    """The run directory Hydra will use, resolved once (its default has the time in it); the
+    composed config then resolves as in the job (``run_dir`` is ``hydra:runtime.output_dir``)."""
+    HydraConfig.instance().set_config(cfg)
+    run_dir = str(OmegaConf.select(cfg, "hydra.run.dir"))
+    OmegaConf.set_readonly(cfg.hydra, False)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(Path(run_dir).resolve())
+    HydraConfig.instance().set_config(cfg)
+    return run_dir
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _flags(argv: list[str], overrides: list[str]) -> list[str]:
+    """The command line's options (``-c``, ``--config-name`` ...), without its overrides."""
+    remaining = list(overrides)
+    flags = []
+    for item in argv:
+        if item in remaining:
+            remaining.remove(item)
+        else:
+            flags.append(item)
+    return flags
 
 
 if __name__ == "__main__":

@@ -6,12 +6,13 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader, default_collate
-from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from .blocks import OBJECTIVES, PackedBlocks, build_blocks
+from .resumable import ResumableDataLoader, ResumableSampler
 from .corpus import Document, corpus_fingerprint, load_documents, split_documents
 from .tokenizer import load_tokenizer, train_or_load_tokenizer
-from ..errors import RecipeError
+from ..errors import RecipeError, unknown
 
 
 class TextDataModule(pl.LightningDataModule):
@@ -45,7 +46,7 @@ class TextDataModule(pl.LightningDataModule):
     ):
         super().__init__()
         if objective not in OBJECTIVES:
-            raise RecipeError(f"data.objective={objective!r} is unknown; valid: {', '.join(OBJECTIVES)}")
+            raise RecipeError(unknown("data.objective", objective, OBJECTIVES))
         # The requested vocabulary is a target (a small corpus yields fewer tokens); the model
         # logs the real size, and Lightning refuses two different values under one key.
         self.save_hyperparameters(ignore=["vocab_size"])
@@ -98,31 +99,30 @@ class TextDataModule(pl.LightningDataModule):
         if self.train_set is not None:
             return
         train_docs, val_docs = self.documents
-        self.train_set = build_blocks(self.tokenizer, [d.text for d in train_docs], self.objective, self.seq_len, "train")
-        self.val_set = build_blocks(self.tokenizer, [d.text for d in val_docs], self.objective, self.seq_len, "validation")
+        hp = self.hparams
+        masking = dict(mlm_probability=hp.mlm_probability, seed=hp.seed)
+        self.train_set = build_blocks(self.tokenizer, [d.text for d in train_docs], self.objective, self.seq_len, "train", **masking)
+        self.val_set = build_blocks(self.tokenizer, [d.text for d in val_docs], self.objective, self.seq_len, "validation", **masking)
 
-    @cached_property
+    @property
     def collate(self):
-        """Stacks causal-LM blocks; masks masked-LM blocks anew each batch (15%, 80/10/10)."""
-        if self.objective == "clm":
-            return default_collate
-        return DataCollatorForLanguageModeling(
-            self.tokenizer, mlm=True, mlm_probability=self.hparams.mlm_probability, seed=self.hparams.seed
-        )
+        """Stacks the blocks' dicts (masked LM items come masked from the dataset, see ``PackedBlocks``)."""
+        return default_collate
 
-    def _loader(self, dataset: PackedBlocks, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=self.collate,
+    def train_dataloader(self) -> ResumableDataLoader:
+        """Shuffled per epoch with ``seed + epoch``, sharded by rank (the sampler is a
+        ``DistributedSampler``, so Lightning keeps it under DDP); its position in the epoch is
+        saved in checkpoints, so a resumed run continues with the batch the interrupted one was at."""
+        trainer = self.trainer
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = ResumableSampler(self.train_set, num_replicas=replicas, rank=rank, shuffle=True, seed=self.hparams.seed)
+        return ResumableDataLoader(
+            self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=True, num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0, collate_fn=default_collate,
         )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.eval_batch_size, shuffle=False)
+        return DataLoader(
+            self.val_set, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0, collate_fn=default_collate,
+        )

@@ -7,6 +7,7 @@ from typing import Any, Mapping
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.throughput import measure_flops as count_flops
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torchmetrics import MeanMetric
 from transformers import PretrainedConfig, PreTrainedModel, get_cosine_with_min_lr_schedule_with_warmup
@@ -14,7 +15,6 @@ from transformers import PretrainedConfig, PreTrainedModel, get_cosine_with_min_
 from ..errors import RecipeError
 from .hf_models import build_hf_model
 from .lm_loss import IGNORE_INDEX, LMHeadLoss
-from .throughput import forward_flops_per_token
 
 
 FUSED_ADAMW_DEVICES = ("cpu", "cuda")
@@ -59,8 +59,9 @@ class LanguageModelModule(pl.LightningModule):
         )
         self.model.lm_loss = LMHeadLoss()
         self.val_loss = MeanMetric()
-        self.flops_per_batch: int | None = None
-        self._flops_per_token: int | None = None
+        self.flops_per_batch: int | None = None  # the current batch's, for ThroughputMonitor
+        self.flops_per_row: dict[str, float] | None = None  # measured: {"train": fwd+bwd, "val": fwd} per sequence
+        self.training_flops_per_batch: int | None = None
 
     @property
     def max_positions(self) -> int:
@@ -82,22 +83,36 @@ class LanguageModelModule(pl.LightningModule):
         graph) in every training step."""
         return (labels != IGNORE_INDEX).sum()
 
-    def _count_flops(self, batch: dict[str, torch.Tensor], passes: int) -> None:
-        """``flops_per_batch`` for ThroughputMonitor's MFU (a backward pass costs two forwards)."""
-        if self._flops_per_token is None:
-            self._flops_per_token = forward_flops_per_token(self.model, batch["input_ids"].shape[-1])
-        self.flops_per_batch = passes * self._flops_per_token * batch["input_ids"].numel()
+    def measure_flops(self, example: dict[str, torch.Tensor], batch_size: int) -> int:
+        """Count the FLOPs of a training step (forward + backward) and of a validation step on
+        ``example`` (a batch like the real ones, usually one row) with torch's FLOP counter, and
+        keep them per sequence: ``flops_per_batch`` (read by ThroughputMonitor for MFU) then follows
+        each batch's rows. Call it on the plain model, before a schedule replaces modules with
+        kernels the counter cannot see into. Returns the FLOPs of a training batch of ``batch_size`` rows."""
+        rows = int(example["input_ids"].shape[0])
+        with torch.random.fork_rng():
+            train = count_flops(self, lambda: self.loss(example)[0], lambda loss: loss)
+            with torch.no_grad():
+                forward = count_flops(self, lambda: self.loss(example)[0])
+        self.zero_grad(set_to_none=True)
+        self.flops_per_row = {"train": train / rows, "val": forward / rows}
+        self.training_flops_per_batch = int(round(self.flops_per_row["train"] * batch_size))
+        return self.training_flops_per_batch
+
+    def _count_flops(self, batch: dict[str, torch.Tensor], stage: str) -> None:
+        if self.flops_per_row is not None:
+            self.flops_per_batch = int(round(self.flops_per_row[stage] * batch["input_ids"].shape[0]))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, _ = self.loss(batch)
-        self._count_flops(batch, passes=3)
+        self._count_flops(batch, "train")
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/ppl", torch.exp(loss.detach()))
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss, tokens = self.loss(batch)
-        self._count_flops(batch, passes=1)
+        self._count_flops(batch, "val")
         self.val_loss.update(loss, tokens)
 
     def on_validation_epoch_end(self) -> None:

@@ -1,9 +1,20 @@
-"""What Lightning's ThroughputMonitor needs to report tokens/s and MFU for the recipes' batches."""
+"""Throughput and MFU for the recipes' batches: what Lightning's ThroughputMonitor needs, and a
+monitor whose peak FLOP/s the user can set.
+
+FLOPs per batch come from the LightningModule (``LanguageModelModule.measure_flops`` counts them
+with torch's FLOP counter on the plain model before training); MFU is those FLOPs per second over
+``peak_flops`` of one device times the number of devices. Lightning knows the peak of common CUDA
+GPUs and TPUs; for a CPU or another chip, give it (``callbacks.throughput.peak_flops=2.0e12``).
+"""
 from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
+import lightning.pytorch as pl
+from lightning.fabric.utilities.throughput import Throughput
+from lightning.pytorch.callbacks import ThroughputMonitor as LightningThroughputMonitor
+
+from ..errors import RecipeError
 
 
 def batch_size(batch: dict[str, Any]) -> int:
@@ -16,15 +27,24 @@ def tokens_in_batch(batch: dict[str, Any]) -> int:
     return int(batch["input_ids"].numel())
 
 
-def forward_flops_per_token(model: nn.Module, seq_len: int) -> int:
-    """Approximate forward FLOPs per token: 2 per weight of every matmul (embedding tables count
-    once, as the tied output projection) plus the attention scores and mixing, ``4 * layers *
-    seq_len * hidden`` (the estimate of the PaLM paper, appendix B)."""
-    embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
-    embedding_weights = sum(m.weight.numel() for m in embeddings)
-    unique = {id(p): p for p in model.parameters()}
-    matmul_weights = sum(p.numel() for p in unique.values()) - embedding_weights
-    config = model.config
-    output_projection = config.vocab_size * config.hidden_size
-    attention = 4 * config.num_hidden_layers * seq_len * config.hidden_size
-    return 2 * (matmul_weights + output_projection) + attention
+class ThroughputMonitor(LightningThroughputMonitor):
+    """Lightning's ThroughputMonitor (tokens/s, FLOP/s and, with a known peak, MFU) with ``peak_flops``:
+    the FLOP/s of one device at the run's precision to compute MFU against (``None``: Lightning's
+    table, which covers CUDA GPUs and TPUs only)."""
+
+    def __init__(self, batch_size_fn: Any = batch_size, length_fn: Any = tokens_in_batch,
+                 peak_flops: float | None = None, **kwargs: Any):
+        if peak_flops is not None and not (isinstance(peak_flops, (int, float)) and peak_flops > 0):
+            raise RecipeError(f"callbacks.throughput.peak_flops={peak_flops!r}: give the peak FLOP/s of one device, "
+                              "a positive number (e.g. 3.1e14), or null for Lightning's table")
+        super().__init__(batch_size_fn, length_fn, **kwargs)
+        self.peak_flops = peak_flops
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.peak_flops is None:
+            return
+        self.available_flops = int(self.peak_flops)
+        for key in list(self._throughputs):
+            self._throughputs[key] = Throughput(available_flops=self.available_flops, world_size=trainer.world_size,
+                                                **self.kwargs)
