@@ -9,10 +9,12 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch.fx as fx
 from torch import nn
 
 from ..errors import BackendError, OpError, closest
 from .attention_backends import ALIASES, ATTENTION_BACKENDS, AttentionBackend, backends_by_speed
+from .matching import Built, literal
 from .registry import register_op
 
 AUTO = "auto"
@@ -83,6 +85,34 @@ class FlashAttentionOp(nn.Module):
                 f"attention backend {attn_op_name!r} needs the package {self._named.package!r}, which is not "
                 f"installed; install it or use one of: {', '.join(b.name for b in self._candidates)}"
             )
+
+    @classmethod
+    def from_match(cls, match, backend: str = AUTO, causal: bool | str = AUTO, strict: bool = False):
+        """The op with the match's scale, dropout probability, mask and causality.
+
+        ``causal="auto"`` keeps what the model does: the ``is_causal`` flag of an sdpa call (HF sets
+        it when no mask tensor is needed), and no extra mask for eager attention, whose additive mask
+        already holds causality. ``True``/``False`` force it. Replacing a whole module (no pattern)
+        builds the op from the arguments alone.
+        """
+        if causal not in (AUTO, True, False):
+            raise OpError(f"flash_attention: causal must be 'auto', true or false, got {causal!r}")
+        if not match.subgraphs:
+            return cls(backend, apply_causal_mask=causal is True, strict=strict)
+        values = match.values
+        if match.tags.get("scale") == "div":
+            scale = 1.0 / float(literal(match, "d", "flash_attention"))
+        else:
+            scale = float(literal(match, "scale", "flash_attention"))
+        if causal == AUTO:
+            causal = values.get("is_causal", False)
+            if not isinstance(causal, bool):
+                raise OpError(
+                    f"flash_attention: is_causal is decided at run time ({causal}); set causal to true or false"
+                )
+        op = cls(backend, apply_causal_mask=causal, scale=scale, strict=strict)
+        inputs = ("q", "k", "v") + (("attention_mask",) if isinstance(values.get("attention_mask"), fx.Node) else ())
+        return Built(op, concrete_args={"p": match.dropout_probability()}, inputs=inputs)
 
     def forward(
         self,

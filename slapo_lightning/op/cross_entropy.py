@@ -19,6 +19,7 @@ from torch import nn
 
 from .amp import autocast_inputs, autocast_off
 from ..errors import OpError
+from .matching import whole_module
 from .registry import register_op
 
 LOGITS_PER_CHUNK = 1 << 26
@@ -229,6 +230,16 @@ class FusedLinearCrossEntropy(nn.Module):
     def from_config(cls, config, ignore_index: int = -100, chunk_size: int | None = None) -> "FusedLinearCrossEntropy":
         """The loss of a causal LM with this config: its ``final_logit_softcapping`` when it has one."""
         return cls(ignore_index, chunk_size, getattr(config, "final_logit_softcapping", None))
+
+    @classmethod
+    def from_match(cls, match, ignore_index: int = -100, chunk_size: int | None = None,
+                   softcap: float | str | None = "auto") -> "FusedLinearCrossEntropy":
+        """For a module with ``forward(hidden_states, weight, labels, bias=None)``; ``softcap="auto"``
+        takes the model config's ``final_logit_softcapping`` (None when it has none)."""
+        whole_module(match, "fused_linear_cross_entropy")
+        if softcap == "auto":
+            softcap = match.config("final_logit_softcapping")
+        return cls(ignore_index=ignore_index, chunk_size=chunk_size, softcap=softcap)
 
     def forward(
         self,

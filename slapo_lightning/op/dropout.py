@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import OpError
+from .matching import path_of, whole_module
 from .registry import register_op
 
 LEVELS = 1 << 16
@@ -82,6 +83,14 @@ class FastDropout(nn.Module):
         fast = cls(float(module.p))
         fast.train(module.training)
         return fast
+
+    @classmethod
+    def from_match(cls, match) -> "FastDropout":
+        """The replaced ``nn.Dropout`` with its own ``p`` (never this class's default)."""
+        module = whole_module(match, "fast_dropout")
+        if not isinstance(module, nn.Dropout):
+            raise OpError(f"fast_dropout replaces an nn.Dropout, got {type(module).__name__} at {path_of(match)}")
+        return cls.from_dropout(module)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fast_dropout(x, self.p, self.training)

@@ -19,6 +19,7 @@ from ..errors import OpError
 from .registry import register_op
 
 GELU_APPROXIMATIONS = ("none", "tanh")
+AUTO = "auto"
 
 HF_GELU_NAMES: dict[str, str] = {
     "gelu": "none",
@@ -58,6 +59,20 @@ def gelu_approximate_for(activation: str | nn.Module | Callable) -> str:
             f"nn.GELU, F.gelu or the modules {', '.join(HF_GELU_CLASSES)}"
         )
     return found
+
+
+def _matched_approximate(match) -> str:
+    """The approximation of the first GELU call or GELU module inside the match."""
+    for node in match.nodes:
+        if node.op == "call_function" and node.target is F.gelu:
+            return node.kwargs.get("approximate", "none")
+        if node.op == "call_module":
+            module = match.module.get_submodule(node.target)
+            try:
+                return gelu_approximate_for(module)
+            except OpError:
+                continue
+    raise OpError("fused_bias_gelu: the match has no GELU call to read the approximation from")
 
 
 def check_gelu_approximate(approximate: str) -> str:
@@ -108,6 +123,15 @@ class FusedBiasGELU(nn.Module):
     def from_activation(cls, activation: str | nn.Module | Callable) -> "FusedBiasGELU":
         return cls(gelu_approximate_for(activation))
 
+    @classmethod
+    def from_match(cls, match, approximate: str = AUTO) -> "FusedBiasGELU":
+        """gelu(x + bias) with the GELU the model uses (erf or tanh): the pattern variant's
+        ``approximate`` tag, or read off the matched GELU call or module."""
+        if approximate == AUTO:
+            tagged = match.tags.get("approximate", "from_node")
+            approximate = _matched_approximate(match) if tagged == "from_node" else tagged
+        return cls(approximate)
+
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return bias_gelu(x, bias, self.approximate)
 
@@ -144,6 +168,16 @@ class FusedBiasDropoutAddLayerNorm(nn.Module):
         affine_bias = elementwise_affine and bias
         self.register_parameter("weight", nn.Parameter(torch.ones(self.normalized_shape)) if elementwise_affine else None)
         self.register_parameter("bias", nn.Parameter(torch.zeros(self.normalized_shape)) if affine_bias else None)
+
+    @classmethod
+    def from_match(cls, match, p: float | str = AUTO) -> "FusedBiasDropoutAddLayerNorm":
+        """Takes over the matched LayerNorm's own Parameters and the matched dropout's probability."""
+        norms = match.called_modules(nn.LayerNorm)
+        if len(norms) != 1:
+            raise OpError(
+                f"fused_bias_dropout_add_layer_norm needs one LayerNorm module in the match, found {len(norms)}"
+            )
+        return cls.from_layer_norm(norms[0], p=match.dropout_probability() if p == AUTO else p)
 
     @classmethod
     def from_layer_norm(cls, layer_norm: nn.LayerNorm, p: float = 0.1) -> "FusedBiasDropoutAddLayerNorm":

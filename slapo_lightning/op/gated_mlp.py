@@ -20,6 +20,7 @@ from ..errors import OpError
 from .amp import autocast_inputs, autocast_off
 from .compiled import compiled_on_cuda
 from .fused import gelu_approximate_for
+from .matching import whole_module
 from .registry import register_op
 
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
@@ -211,6 +212,11 @@ class GatedMLP(nn.Module):
         op.train(mlp.training)
         _check_same(op, mlp)
         return op
+
+    @classmethod
+    def from_match(cls, match) -> "GatedMLP":
+        """The scheduled gated MLP module, replaced as a whole, through :meth:`from_module`."""
+        return cls.from_module(whole_module(match, "gated_mlp"))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         device_type = hidden_states.device.type

@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import OpError
+from .matching import whole_module
 from .registry import register_op
 
 
@@ -28,6 +30,14 @@ class LinearWithSeparateBias(nn.Linear):
         new.bias = linear.bias
         new.train(linear.training)
         return new
+
+    @classmethod
+    def from_match(cls, match) -> "LinearWithSeparateBias":
+        """The replaced ``nn.Linear`` with its bias add as a separate op (same Parameters)."""
+        module = whole_module(match, "linear_with_separate_bias")
+        if type(module) is not nn.Linear:
+            raise OpError(f"linear_with_separate_bias replaces an nn.Linear, got {type(module).__name__}")
+        return cls.from_linear(module)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight)

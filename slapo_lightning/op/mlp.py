@@ -16,6 +16,7 @@ from .amp import autocast_inputs, autocast_off
 from .dropout import fast_dropout
 from ..errors import OpError
 from .fused import check_gelu_approximate, gelu_approximate_for
+from .matching import path_of, whole_module
 from .registry import register_op
 
 
@@ -126,6 +127,15 @@ class FusedMLP(nn.Module):
                 f"{type(mlp.c_fc).__name__} and {type(mlp.c_proj).__name__}"
             )
         return cls._wrap(mlp.c_fc, mlp.c_proj, mlp.act, mlp.dropout.p, True, mlp.training)
+
+    @classmethod
+    def from_match(cls, match) -> "FusedMLP":
+        """A GPT-2 style MLP (``c_fc -> act -> c_proj -> dropout``) replaced as a whole."""
+        module = whole_module(match, "fused_mlp")
+        if not all(hasattr(module, name) for name in ("c_fc", "c_proj", "act", "dropout")):
+            raise OpError(f"fused_mlp replaces a GPT-2 style MLP with c_fc, act, c_proj and dropout; "
+                          f"{path_of(match)} is a {type(module).__name__}")
+        return cls.from_gpt2(module)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         device_type = hidden_states.device.type

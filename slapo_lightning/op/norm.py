@@ -24,6 +24,7 @@ from torch import nn
 
 from .compiled import compiled_on_cuda
 from ..errors import OpError
+from .matching import one_module
 from .registry import register_op
 
 CASTS = ("before_weight", "after_weight")
@@ -174,11 +175,21 @@ class RMSNorm(nn.Module):
         op.train(norm.training)
         return op
 
+    @classmethod
+    def from_match(cls, match) -> "RMSNorm":
+        """The scheduled RMSNorm module, or the one norm module called inside a pattern match,
+        through :meth:`from_module` (variant and eps read off the module)."""
+        return cls.from_module(one_module(match, "rms_norm", _looks_like_rms_norm))
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return rms_norm(hidden_states, self.weight, self.eps, self.offset, self.cast)
 
     def extra_repr(self) -> str:
         return f"{self.hidden_size}, eps={self.eps}, offset={self.offset}, cast={self.cast!r}"
+
+
+def _looks_like_rms_norm(module: nn.Module) -> bool:
+    return any(hasattr(module, name) for name in ("variance_epsilon", "eps")) and hasattr(module, "weight")
 
 
 VARIANTS = tuple((offset, cast) for offset in (0.0, 1.0) for cast in CASTS)

@@ -147,6 +147,18 @@ class FusedQKV(nn.Module):
         fused.train(q.training)
         return fused
 
+    @classmethod
+    def from_match(cls, match, n_heads: int | None = None) -> "FusedQKV":
+        """One GEMM for the three q/k/v Linears of the match, initialised from their weights;
+        ``n_heads`` defaults to the model config's ``num_attention_heads`` (or ``n_head``)."""
+        linears = match.called_modules(nn.Linear)
+        if len(linears) != 3:
+            raise OpError(f"fused_qkv replaces three Linears (q, k, v), the match calls {len(linears)}")
+        n_heads = n_heads or match.config("num_attention_heads", "n_head")
+        if n_heads is None:
+            raise OpError("fused_qkv: pass n_heads (the model has no config.num_attention_heads)")
+        return cls.from_linears(*linears, n_heads=int(n_heads))
+
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         device_type = hidden_states.device.type
         x, weight, bias = autocast_inputs(

@@ -102,5 +102,10 @@ class FusedRoPE(nn.Module):
     """``forward(q, k, cos, sin, unsqueeze_dim=1)`` = HF's ``apply_rotary_pos_emb``; no parameters
     (cos and sin come from the model's rotary embedding module, unchanged)."""
 
+    @classmethod
+    def from_match(cls, match) -> "FusedRoPE":
+        """No hyper-parameters to read: the rotary width comes with cos/sin at run time."""
+        return cls()
+
     def forward(self, q, k, cos, sin, unsqueeze_dim: int = 1):
         return rope(q, k, cos, sin, unsqueeze_dim)

@@ -2,11 +2,11 @@
 
 ``apply_schedule(model, spec)`` checks the spec, applies it all-or-nothing and returns a
 ``Report``; ``verify_schedule`` checks a scheduled model against the original and names the
-first pass that breaks equivalence. Patterns and ops are referenced by name (``PATTERNS``,
-``OP_FACTORIES`` and the op library's ``OPS``) or by import path; ``register_pattern`` and
-``register_op_factory`` add names.
+first pass that breaks equivalence. Patterns and ops are referenced by name (``PATTERNS`` and
+the op library's ``OPS``, also reachable as ``OP_FACTORIES``) or by import path;
+``register_pattern`` and ``register_op_factory`` add names.
 """
-from . import builtin_ops, builtin_patterns  # noqa: F401  (registration)
+from . import builtin_patterns  # noqa: F401  (registration)
 from .apply import apply_schedule
 from .bisect import first_breaking_pass, verify_schedule
 from .schema import PassSpec, ScheduleSpec, StepSpec, load_spec, parse_spec

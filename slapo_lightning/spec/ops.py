@@ -1,28 +1,33 @@
 """Named ops a ``replace`` step can swap in, and how each is built from what was matched.
 
-An op factory receives a ``Match`` (the schedule, the matched subgraphs, the variant's tags) and
-the step's arguments, and returns an initialised module: ``FusedQKV`` takes the weights of the
-three Linears it replaces, ``FlashAttentionOp`` its scale, dropout probability and causality from
-the matched graph. A factory may return ``Built`` to also pass ``concrete_args`` or to choose which
-pattern inputs reach the op's ``forward``.
+There is one registry, the op library's ``OPS``. An op class builds itself from a ``Match`` (the
+schedule, the matched subgraphs, the variant's tags) and the step's arguments through its
+``from_match(match, **args)`` classmethod: ``FusedQKV`` takes the weights of the three Linears it
+replaces, ``FlashAttentionOp`` its scale, dropout probability and causality from the matched
+graph, ``FastDropout`` the replaced module's ``p``. ``from_match`` may return ``Built`` to also
+pass ``concrete_args`` or to choose which pattern inputs reach the op's ``forward``.
 
-Ops are referenced by name (factories registered here, then any op class in the op library's
-``OPS``) or by import path: a class with a ``from_match(match, **args)`` classmethod, any other
-``nn.Module`` class (built as ``cls(**args)``), or a factory function ``fn(match, **args)``.
+Ops are referenced by registered name or by import path: a class with ``from_match``, any other
+``nn.Module`` class (built as ``cls(**args)``), or a factory function ``fn(match, **args)``
+(``register_op_factory`` registers such a function in ``OPS`` under a name).
 """
 from __future__ import annotations
 
 import inspect
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch.fx as fx
 from torch import nn
 
-from ..errors import RegistryError, SpecError, unknown
+from ..errors import OpError, RegistryError, SpecError, unknown
+from ..op.matching import Built
 from ..op.registry import OPS
 from ..core.pattern import Subgraph
+from ..core.tracer import train_only_probability
 from ..registry import Registry, import_object
+from .builtin_patterns import DROPOUT_TARGETS
 from .refs import is_import_path
 
 
@@ -65,15 +70,25 @@ class Match:
                     return getattr(config, name)
         return default
 
-
-@dataclass
-class Built:
-    """A factory's result: the op, ``concrete_args`` for its forward, and which pattern inputs to
-    bind (None: every input that is a graph value; literals are hyper-parameters the factory used)."""
-
-    module: nn.Module
-    concrete_args: dict[str, Any] = field(default_factory=dict)
-    inputs: tuple[str, ...] | None = None
+    def dropout_probability(self) -> float:
+        """The dropout probability inside the match: a dropout module's ``p``, a functional
+        dropout's literal, or the pattern's ``dropout_p`` (unwrapping the tracer's train-only
+        marker); OpError when it is computed at run time."""
+        for node in self.nodes:
+            if node.op == "call_module":
+                module = self.module.get_submodule(node.target)
+                if isinstance(module, nn.Dropout):
+                    return float(module.p)
+            elif node.op == "call_function" and node.target in DROPOUT_TARGETS:
+                p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+                if isinstance(p, numbers.Number):
+                    return float(p)
+        p = self.values.get("dropout_p", 0.0)
+        if isinstance(p, fx.Node) and p.target is train_only_probability:
+            p = p.args[0]
+        if not isinstance(p, numbers.Number):
+            raise OpError(f"cannot read the dropout probability of the match (found {p!r})")
+        return float(p)
 
 
 @dataclass(frozen=True)
@@ -99,16 +114,18 @@ class OpRef:
         return None
 
 
-OP_FACTORIES: Registry = Registry("op")
+OP_FACTORIES: Registry = OPS
+"""The op registry under its former spec-side name (the same object as ``slapo_lightning.op.OPS``)."""
 
 
 def register_op_factory(name: str, factory: Callable | None = None, *, overwrite: bool = False):
-    """Register ``factory(match, **args) -> nn.Module | Built`` as ``op: <name>``; usable as a decorator."""
-    return OP_FACTORIES.register(name, factory, overwrite=overwrite)
+    """Register ``factory(match, **args) -> nn.Module | Built`` as ``op: <name>`` in ``OPS``; usable
+    as a decorator. Op classes register themselves with ``register_op`` and build with ``from_match``."""
+    return OPS.register(name, factory, overwrite=overwrite)
 
 
 def op_names() -> list[str]:
-    return sorted(set(OP_FACTORIES.names()) | set(OPS.names()))
+    return OPS.names()
 
 
 def _without_first(sig: inspect.Signature) -> inspect.Signature:
@@ -135,8 +152,6 @@ def resolve_op(ref: Any) -> tuple[OpRef, dict[str, Any]]:
         ref = ref["_target_"]
     if not isinstance(ref, str) or not ref:
         raise SpecError(f"op must be a name or an import path 'pkg.module:attr', got {ref!r}")
-    if ref in OP_FACTORIES:
-        return _as_ref(ref, OP_FACTORIES.get(ref)), args
     if ref in OPS:
         return _as_ref(ref, OPS.get(ref)), args
     if is_import_path(ref):
