@@ -1,8 +1,10 @@
-"""Op library: modules that schedules swap into BERT / GPT-2 models.
+"""Op library: modules that schedules swap into Hugging Face models (BERT / GPT-2 and today's
+decoders: RMSNorm, gated MLP, RoPE, grouped-query attention and QKV, soft-capped fused CE).
 
 Each op is a drop-in for what it replaces (same numbers, same gradients, original weights kept),
 runs as plain PyTorch on CPU and takes a faster kernel on CUDA where one pays. Every op class is
-registered in ``OPS`` under a snake_case name (``list_ops()``), so schedule specs can name it.
+registered once in ``OPS`` under a snake_case name (``list_ops()``), so schedule specs can name
+it, and builds itself from a match with ``from_match`` (see ``matching.py``).
 """
 from . import attention
 from .attention import FlashAttentionOp
