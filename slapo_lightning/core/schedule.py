@@ -16,7 +16,7 @@ from torch import nn
 from ..errors import PathError, ScheduleError, closest
 from ..registry import import_object
 from .primitives.registry import PRIMITIVES
-from .tracer import CallArgs, training_defaults
+from .tracer import CallArgs, forward_signature, training_defaults
 
 
 class Schedule:
@@ -200,21 +200,27 @@ def _call_kind(args: tuple, kwargs: dict) -> tuple:
 
 
 def training_variants(model: nn.Module, example: Any) -> list[Any]:
-    """The example, then the kinds of batch a padding collator also produces: for a Hugging Face
-    model called with ``input_ids``, the same ids without a mask, with an all-ones mask and with
-    padding (so the layers see both ``attention_mask=None`` and a mask tensor)."""
+    """The example, then the kinds of batch a padding collator also produces: for a model called
+    with ``input_ids``, the same ids without a mask (where the mask is optional), with an all-ones
+    mask and with padding (so the layers see both ``attention_mask=None`` and a mask tensor)."""
     if isinstance(example, dict):
         example = {**training_defaults(model), **example}
     ids = example.get("input_ids") if isinstance(example, dict) else None
     if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.shape[1] < 2:
         return [example]
+    mask = forward_signature(model).parameters.get("attention_mask")
+    if mask is None:
+        return [example]
     base = {k: v for k, v in example.items() if k != "attention_mask"}
     padded = torch.ones_like(ids)
     padded[0, -max(1, ids.shape[1] // 4):] = 0
-    variants = [example, base, {**base, "attention_mask": torch.ones_like(ids)}, {**base, "attention_mask": padded}]
+    variants = [example, {**base, "attention_mask": torch.ones_like(ids)}, {**base, "attention_mask": padded}]
+    if mask.default is not mask.empty:
+        variants.insert(1, base)
     unique, seen = [], set()
     for v in variants:
-        kind = (tuple(sorted(v)), bool(isinstance(v.get("attention_mask"), torch.Tensor) and (v["attention_mask"] == 0).any()))
+        given = v.get("attention_mask")
+        kind = (tuple(sorted(v)), bool(isinstance(given, torch.Tensor) and (given == 0).any()))
         if kind not in seen:
             seen.add(kind)
             unique.append(v)
@@ -222,12 +228,20 @@ def training_variants(model: nn.Module, example: Any) -> list[Any]:
 
 
 def _hf_dummy_inputs(model: nn.Module) -> dict | None:
-    """A small batch of token ids for Hugging Face models (variants with masks are derived)."""
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if not vocab or getattr(model, "main_input_name", None) != "input_ids":
+    """A small batch of token ids for a model that takes ``input_ids``: a Hugging Face model, or a
+    user's module around one (the vocabulary comes from the first HF config found inside)."""
+    params = forward_signature(model).parameters
+    if getattr(model, "main_input_name", "input_ids") != "input_ids" or "input_ids" not in params:
         return None
-    generator = torch.Generator().manual_seed(0)
-    return {"input_ids": torch.randint(0, vocab, (2, 8), generator=generator)}
+    vocab = next((m.config.vocab_size for m in model.modules()
+                  if isinstance(getattr(getattr(m, "config", None), "vocab_size", None), int)), None)
+    if not vocab:
+        return None
+    required = [n for n, p in params.items() if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if any(n not in ("input_ids", "attention_mask") for n in required):
+        return None
+    ids = torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids, **({"attention_mask": torch.ones_like(ids)} if "attention_mask" in required else {})}
 
 
 def _glob_match(parts: list[str], path: list[str]) -> bool:
