@@ -252,3 +252,24 @@ def test_gqa_bad_widths():
     good = [{k: v.clone() for k, v in s.items()} for s in fused.split_state()]
     with pytest.raises(OpError, match=r"key.weight has shape \(32, 32\), expected \(16, 32\)"):
         fused.load_split_state([good[0], {"weight": torch.zeros(32, 32), "bias": good[1]["bias"]}, good[2]])
+
+
+def test_gqa_fused_attention_keeps_the_original_keys_under_the_core_hooks():
+    """With the core's state-dict hooks (what ``replace`` installs), an attention whose q/k/v became
+    one grouped-width FusedQKV saves the original keys and shapes, and strict loading works both
+    ways with the plain module."""
+    from slapo_lightning.core.state_keys import alias_split_state
+
+    plain, scheduled = gqa_attention(bias=True), gqa_attention(bias=True)
+    original = {k: v.clone() for k, v in plain.state_dict().items()}
+    scheduled.fused = FusedQKV.from_linears(scheduled.q_proj, scheduled.k_proj, scheduled.v_proj, n_heads=4)
+    del scheduled.q_proj, scheduled.k_proj, scheduled.v_proj
+    alias_split_state(scheduled, "fused", ["q_proj", "k_proj", "v_proj"])
+    saved = scheduled.state_dict()
+    assert sorted(saved) == sorted(original) and all(saved[k].shape == original[k].shape for k in original)
+    scheduled.load_state_dict(original, strict=True)
+    assert torch.equal(scheduled.fused.split_state()[1]["weight"], plain.k_proj.weight)
+    other = gqa_attention(bias=True)
+    torch.nn.init.zeros_(other.v_proj.weight)
+    other.load_state_dict(scheduled.state_dict(), strict=True)
+    assert torch.equal(other.v_proj.weight, plain.v_proj.weight)
