@@ -65,13 +65,40 @@ class PassReport:
 
 
 @dataclass
+class Variant:
+    """One specialisation of a traced module: the kind of call it serves, when it was made (at
+    setup or at run time) and the schedule edits it runs without (``skipped``)."""
+
+    label: str
+    origin: str
+    skipped: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Report:
-    """The outcome of ``apply_schedule``; ``fingerprint`` identifies the (normalised) spec."""
+    """The outcome of ``apply_schedule``; ``fingerprint`` identifies the (normalised) spec;
+    ``specialisations`` lists each traced module's variants (``refresh_specialisations`` after a run
+    adds the ones made at run time)."""
 
     model: str
     fingerprint: str
     passes: list[PassReport] = field(default_factory=list)
     spec: dict[str, Any] = field(default_factory=dict)
+    specialisations: dict[str, list[Variant]] = field(default_factory=dict)
+
+    def refresh_specialisations(self, model: Any) -> None:
+        """Read every traced module's specialisations off ``model``."""
+        from .core import TracedModule
+
+        self.specialisations = {
+            path or "<root>": [Variant(s.label, s.origin, list(s.skipped)) for s in module.specialisations]
+            for path, module in model.named_modules() if isinstance(module, TracedModule)}
+
+    @property
+    def unscheduled_variants(self) -> list[str]:
+        """``path [variant]: edit`` for every variant that runs part of the original code."""
+        return [f"{path} [{v.label}]: {skip}" for path, variants in self.specialisations.items()
+                for v in variants for skip in v.skipped]
 
     def __getitem__(self, name: str) -> PassReport:
         for p in self.passes:
@@ -108,7 +135,10 @@ class Report:
                        for c in p.get("changes", [])]
             skipped = [Skipped(**s) for s in p.get("skipped", [])]
             passes.append(PassReport(**{**p, "changes": changes, "skipped": skipped}))
-        return cls(model=data["model"], fingerprint=data["fingerprint"], passes=passes, spec=data.get("spec", {}))
+        specialisations = {path: [Variant(**v) for v in variants]
+                           for path, variants in data.get("specialisations", {}).items()}
+        return cls(model=data["model"], fingerprint=data["fingerprint"], passes=passes, spec=data.get("spec", {}),
+                   specialisations=specialisations)
 
     @classmethod
     def load(cls, path: str | Path) -> "Report":
@@ -153,7 +183,19 @@ class Report:
 
         console = Console(file=io.StringIO(), width=width, color_system=None, force_terminal=False)
         console.print(self.table())
+        for line in self.variant_lines():
+            console.print(line, markup=False, highlight=False)
         return console.file.getvalue()
+
+    def variant_lines(self) -> list[str]:
+        """One line per kind of traced module (its variant count), then every unscheduled variant."""
+        counts: dict[tuple, list[str]] = {}
+        for path, variants in self.specialisations.items():
+            counts.setdefault(tuple(v.label for v in variants), []).append(path)
+        lines = [f"specialisations: {_merged(paths)}: {len(labels)} ({'; '.join(labels)})"
+                 for labels, paths in counts.items()]
+        lines += [f"UNSCHEDULED VARIANT: {line}" for line in self.unscheduled_variants]
+        return lines
 
     def __str__(self) -> str:
         return self.render()

@@ -45,6 +45,7 @@ def test_quick_start_structures_and_equivalence():
     original = copy.deepcopy(bert)
     sch, subgraphs = tutorial.schedule_bert(bert)
     assert len(subgraphs) == 1 and [n.name for n in subgraphs[0].nodes] == ["add", "gelu"]
+    assert repr(subgraphs) == "[[('', add), ('', gelu)]]"  # as the tutorial prints it: paths relative to subsch
     intermediate = sch["bert.encoder.layer.0.intermediate"].mod
     assert isinstance(intermediate.dense, LinearWithSeparateBias)
     assert "FusedBiasGeLU_0" in dict(intermediate.named_children())

@@ -46,6 +46,7 @@ def apply_schedule(model: nn.Module, spec: Any, example_inputs: Any = None) -> R
     except BaseException:
         snapshot.restore()
         raise
+    report.refresh_specialisations(model)
     return report
 
 
