@@ -4,7 +4,10 @@ networks built in configure_model, checkpoints that keep their keys and refuse t
 another schedule, and strategies it cannot support."""
 from __future__ import annotations
 
+import copy
 import json
+import logging
+import re
 from types import SimpleNamespace
 
 import lightning.pytorch as pl
@@ -21,6 +24,7 @@ from slapo_lightning.errors import CheckpointMismatchError, ScheduleError, SpecE
 from slapo_lightning.lightning import CausalLMModule, MaskedLMModule
 from slapo_lightning.op import FlashAttentionOp, FusedLinearCrossEntropy, FusedQKV
 from slapo_lightning.spec import Match, register_op_factory
+from slapo_lightning.tolerances import DEFAULT_RTOL
 
 import test_spec_fixtures as fx
 
@@ -292,3 +296,35 @@ def test_built_by_hydra_and_traced_with_example_input_array(tmp_path):
     first, *others = attn.specialisations
     assert "attention_mask=tensor" in first.label and others
     assert {op.apply_causal_mask for op in module.model.modules() if isinstance(op, FlashAttentionOp)} == {False, True}
+
+
+def test_a_passing_verification_says_what_it_checked_and_by_how_much(tmp_path, caplog):
+    module = gpt2_module("sdpa")
+    callback = slapo.ScheduleCallback(fx.GPT2_SPEC, verify="first_batch", print_report=False)
+    with caplog.at_level(logging.INFO):
+        trainer(tmp_path, [callback]).fit(module, loader(mlm=False))
+    (line,) = [r.getMessage() for r in caplog.records if "first-batch verification" in r.getMessage()]
+    assert "of 'model' passed on batch 0 (schedule flash_attention, fused_mlp" in line
+    assert f"parameter gradient(s) equal the unscheduled model's within rtol={DEFAULT_RTOL:g}" in line
+    worst = re.search(r"worst relative error: output ([0-9.e+-]+); gradients ([0-9.e+-]+) \(worst: (\S+)\)", line)
+    assert worst, line
+    assert float(worst.group(1)) < DEFAULT_RTOL and float(worst.group(2)) < 10 * DEFAULT_RTOL
+    assert worst.group(3).startswith("model.transformer.") or worst.group(3).startswith("model.lm_head")
+
+
+def test_relative_errors_are_abs_errors_over_the_original_scale():
+    from slapo_lightning.spec import ScheduleSpec, verify_schedule
+
+    torch.manual_seed(0)
+    original = nn.Linear(4, 3)
+    scheduled = copy.deepcopy(original)
+    with torch.no_grad():
+        scheduled.bias += 1e-3
+    x = torch.randn(5, 4) * 100
+    relative: dict = {}
+    errors = verify_schedule(original, scheduled, ScheduleSpec(), (x,), relative=relative, rtol=1e-2, atol=1e-2)
+    assert set(relative) == set(errors) == {"output", "grad weight", "grad bias"}
+    scale = original(x).abs().max().item()
+    assert errors["output"] == pytest.approx(1e-3, rel=1e-2)
+    assert relative["output"] == pytest.approx(errors["output"] / scale)
+    assert relative["grad weight"] == 0.0 and relative["grad bias"] == 0.0

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,6 +19,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from ..errors import CheckpointMismatchError, ScheduleError, VerificationError
@@ -165,8 +165,8 @@ class ScheduleCallback(Callback):
         self._verified = True
         original, self._original = self._original, None
         if original is None:
-            warnings.warn(f"ScheduleCallback: {self.target!r} was already scheduled when this callback started, so "
-                          f"there is no unscheduled copy to verify against; skipping verification", RuntimeWarning)
+            rank_zero_warn(f"ScheduleCallback: {self.target!r} was already scheduled when this callback started, so "
+                           f"there is no unscheduled copy to verify against; skipping verification")
             return
         error: BaseException | None = None
         try:
@@ -194,9 +194,31 @@ class ScheduleCallback(Callback):
         if parameter is not None:
             original.to(parameter.device)
         wrap = lambda model: _StepRunner(pl_module, self.target, model, self.verify_fn, batch_idx)  # noqa: E731
+        relative: dict[str, float | None] = {}
         with torch.random.fork_rng(devices=_devices(parameter)):
-            verify_schedule(original, scheduled, self.spec, (batch,), wrap=wrap,
-                            example_inputs=self._examples(pl_module), rtol=self.rtol, atol=self.atol)
+            errors = verify_schedule(original, scheduled, self.spec, (batch,), wrap=wrap,
+                                     example_inputs=self._examples(pl_module), rtol=self.rtol, atol=self.atol,
+                                     relative=relative)
+        rank_zero_info(self._verified_line(errors, relative, batch_idx))
+
+    def _verified_line(self, errors: dict[str, float], relative: dict[str, float | None], batch_idx: int) -> str:
+        """What a passing verification checked and by how much it passed, in one line."""
+        outputs = [name for name in errors if not name.startswith("grad ")]
+        grads = [name for name in errors if name.startswith("grad ")]
+
+        def rel(name: str) -> str:
+            value = relative.get(name)
+            return f"{value:.2g}" if value is not None else f"abs {errors[name]:.2g}"
+
+        parts = [f"{name} {rel(name)}" for name in outputs]
+        if grads:
+            worst = max(grads, key=lambda n: (relative.get(n) is not None, relative.get(n) or errors[n]))
+            parts.append(f"gradients {rel(worst)} (worst: {worst[5:]})")
+        steps = ", ".join(p.name for p in self.spec.enabled) or "no passes"
+        return (f"ScheduleCallback: first-batch verification of {self.target!r} passed on batch {batch_idx} "
+                f"(schedule {steps}): {len(outputs)} output(s) and {len(grads)} parameter gradient(s) equal the "
+                f"unscheduled model's within rtol={self.rtol:g}, atol={self.atol:g}; worst relative error: "
+                + "; ".join(parts))
 
     # -- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
