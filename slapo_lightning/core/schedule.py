@@ -135,13 +135,11 @@ class _Root:
         self._captured = False
 
     def examples_for(self, path: str) -> list[Any]:
-        if path not in self.recorded and not self._captured:
-            self._capture()
-        if path in self.recorded:
-            return list(self.recorded[path])
         if not path:
             return list(self._root_variants())
-        return []
+        if path not in self.recorded and not self._captured:
+            self._capture()
+        return list(self.recorded.get(path, []))
 
     def _root_variants(self) -> list[Any]:
         example = self.example_inputs if self.example_inputs is not None else _hf_dummy_inputs(self.module)
@@ -153,7 +151,7 @@ class _Root:
         """Run the root on each variant of its example inputs, recording the distinct inputs every
         submodule receives (a layer sees ``attention_mask=None`` for an unpadded batch)."""
         self._captured = True
-        variants = self._root_variants()
+        variants = _two_kinds(self._root_variants())
         if not variants:
             return
         names = {m: p for p, m in self.module.named_modules()}
@@ -225,6 +223,21 @@ def training_variants(model: nn.Module, example: Any) -> list[Any]:
             seen.add(kind)
             unique.append(v)
     return unique
+
+
+def _two_kinds(variants: list[Any]) -> list[Any]:
+    """For running the model: the first variant, and the first that is padded if it is not (or
+    unpadded if it is). Inside a Hugging Face model an all-ones mask and no mask reach the layers
+    alike (as None), so two runs show every layer both kinds of call; only a trace of the root
+    itself needs the other variants."""
+    def padded(v: Any) -> bool:
+        mask = v.get("attention_mask") if isinstance(v, dict) else None
+        return isinstance(mask, torch.Tensor) and bool((mask == 0).any())
+
+    if len(variants) < 2:
+        return variants
+    other = next((v for v in variants[1:] if padded(v) != padded(variants[0])), None)
+    return [variants[0]] + ([other] if other is not None else [])
 
 
 def _hf_dummy_inputs(model: nn.Module) -> dict | None:
