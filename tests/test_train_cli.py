@@ -116,3 +116,14 @@ def test_a_users_schedule_file_trains(how, tmp_path):
     (report_file,) = (tmp_path / "run").rglob("schedule_report.json")
     report = json.loads(report_file.read_text())
     assert [p["name"] for p in report["passes"] if p["status"] == "applied"] == ["my_mlp", "my_attention"]
+
+
+def test_shipped_schedules_resolve_by_name():
+    from omegaconf import OmegaConf
+
+    from slapo_lightning.spec import load_spec
+
+    shipped = Path(__file__).resolve().parents[1] / "slapo_lightning" / "configs" / "schedule"
+    for name in ("gpt2", "bert", "none"):
+        assert load_spec(name) == load_spec(OmegaConf.load(shipped / f"{name}.yaml"))
+    assert [p.name for p in load_spec("gpt2").enabled][:2] == ["flash_attention", "fused_mlp"]

@@ -12,10 +12,12 @@ the same way, and the run directory this run made is removed again. Every such m
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +107,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.ckpt_path:
         check_checkpoint_fits(cfg.ckpt_path, module)
     module.measure_flops(example_batch(datamodule), datamodule.batch_size)
-    trainer = instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=instantiate_named(cfg.logger) or False)
+    from lightning.pytorch.callbacks import ModelSummary
+
+    callbacks = build_callbacks(cfg)
+    # a configured summary callback is the summary; Lightning would otherwise announce it is not adding its own
+    own_summary = {"enable_model_summary": False} if any(isinstance(c, ModelSummary) for c in callbacks) else {}
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate_named(cfg.logger) or False, **own_summary)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     result: dict[str, Any] = {"run_dir": str(cfg.run_dir), "log_dir": trainer.log_dir, "global_step": trainer.global_step}
     if cfg.validate_after_fit and not trainer.fast_dev_run:
@@ -162,8 +169,6 @@ def _remove_fresh_run_dir() -> None:
     except Exception:  # noqa: BLE001 - not under Hydra
         return
     if fresh and Path(fresh).resolve() == output.resolve() and output.is_dir():
-        import logging
-
         logging.shutdown()  # Hydra's log file handler holds <run>/train.log open
         shutil.rmtree(output, ignore_errors=True)
         parent = output.parent
@@ -200,7 +205,24 @@ def main(argv: list[str] | None = None) -> None:
         if not Path(run_dir).exists():
             os.environ[_FRESH_RUN_DIR] = str(Path(run_dir).resolve())
         sys.argv = [sys.argv[0], *_flags(sys.argv[1:], args.overrides), *overrides]
+    quiet_library_notices()
     _hydra_main()
+
+
+NOTICES_DROPPED = ("💡 Tip:", "`Trainer(limit_val_batches=1.0)` was configured")
+"""Lightning's rank-zero lines that say nothing about this run (an advertisement, a default restated)."""
+
+
+class _DropNotices(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(NOTICES_DROPPED)
+
+
+def quiet_library_notices() -> None:
+    """The first screen shows what the run does: no advertisements, no deprecation notices from
+    inside Lightning/torch that a user cannot act on."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropNotices())
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 def _pin_run_dir(cfg: DictConfig) -> str:

@@ -95,10 +95,24 @@ class ScheduleSpec:
 
 # -- loading -------------------------------------------------------------------------------------------
 
+SHIPPED_SPECS = Path(__file__).resolve().parents[1] / "configs" / "schedule"
+
+
+def shipped_spec_names() -> list[str]:
+    """Names of the schedule specs that ship with the package (``configs/schedule/<name>.yaml``)."""
+    return sorted(p.stem for p in SHIPPED_SPECS.glob("*.yaml"))
+
+
 def _to_container(spec: Any) -> Any:
-    """A plain dict from a dict, an OmegaConf DictConfig or a YAML file path."""
+    """A plain dict from a dict, an OmegaConf DictConfig, a YAML file path or a shipped spec's name."""
     if isinstance(spec, (str, Path)):
-        return _read_yaml(Path(spec).expanduser())
+        path = Path(spec).expanduser()
+        text = str(spec)
+        if isinstance(spec, str) and not path.exists() and "/" not in text and not text.endswith((".yaml", ".yml")):
+            if text in shipped_spec_names():
+                return _read_yaml(SHIPPED_SPECS / f"{text}.yaml")
+            raise SpecError(unknown("schedule", text, shipped_spec_names(), more="(or a path to a YAML spec file)"))
+        return _read_yaml(path)
     try:
         from omegaconf import DictConfig, OmegaConf
     except ImportError:  # pragma: no cover - hydra-core is a dependency
@@ -126,7 +140,8 @@ def _read_yaml(path: Path) -> Any:
 
 
 def load_spec(spec: Any) -> ScheduleSpec:
-    """A checked ``ScheduleSpec`` from a ScheduleSpec, dict, DictConfig, YAML path or None."""
+    """A checked ``ScheduleSpec`` from a ScheduleSpec, dict, DictConfig, YAML path, the name of a
+    shipped spec (``"gpt2"``, ``"bert"``, ``"none"``) or None."""
     if isinstance(spec, ScheduleSpec):
         return spec
     if spec is None:
