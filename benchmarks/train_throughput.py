@@ -10,7 +10,7 @@ What is timed is the LightningModule's training step without Lightning's loop: `
 1. ``eager``: HF ``attn_implementation="eager"``
 2. ``sdpa``: HF ``sdpa``, the default and the baseline every ratio is taken against
 3. ``compile``: ``torch.compile`` of (2)'s loss (the whole forward, backward through AOTAutograd)
-4. ``schedule``: ``apply_schedule(module.model, configs/schedule/<recipe>.yaml)`` on (2)
+4. ``schedule``: ``apply_schedule(module.model, "<recipe>")`` on (2)
 5. ``schedule_regional``: (4), then ``block.compile()`` of every transformer block
 
 Per variant: tokens/s from the median of the timed steps (after warm-up, rounds rotated so drift

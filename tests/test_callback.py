@@ -26,7 +26,7 @@ from slapo_lightning.op import FlashAttentionOp, FusedLinearCrossEntropy, FusedQ
 from slapo_lightning.spec import Match, register_op_factory
 from slapo_lightning.tolerances import DEFAULT_RTOL
 
-import test_spec_fixtures as fx
+import tiny_models as fx
 
 
 def bert_module(impl: str = "sdpa", seed: int = 0) -> MaskedLMModule:

@@ -34,7 +34,7 @@ def run(out: Path, fail_rank: int | None = None) -> None:
     from slapo_lightning.op import FusedQKV
     from slapo_lightning.spec import register_op_factory
 
-    import test_spec_fixtures as fx
+    import tiny_models as fx
 
     class WrongOnOneRank(torch.nn.Module):
         def forward(self, x, bias):

@@ -10,7 +10,7 @@ from slapo_lightning.lightning.export import export_pretrained
 
 def test_export_restores_use_cache(tmp_path):
     model = tiny_models.gpt2()
-    slapo.apply_schedule(model, "configs/schedule/gpt2.yaml")
+    slapo.apply_schedule(model, "gpt2")
     assert model.config.use_cache is False
     export_pretrained(model, tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["use_cache"] is True

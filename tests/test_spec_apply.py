@@ -20,7 +20,7 @@ from slapo_lightning.op import (FastDropout, FlashAttentionOp, FusedBiasDropoutA
 from slapo_lightning.report import Report
 from slapo_lightning.spec import Match, load_spec, register_op_factory
 
-import test_spec_fixtures as fx
+import tiny_models as fx
 
 
 def modules_of(model: nn.Module, cls: type) -> list[nn.Module]:

@@ -11,7 +11,7 @@ import slapo_lightning as slapo
 from slapo_lightning.errors import BackendError, ScheduleError, SpecError
 from slapo_lightning.spec import load_spec
 
-import test_spec_fixtures as fx
+import tiny_models as fx
 
 ATTN = "bert.encoder.layer.*.attention.self"
 

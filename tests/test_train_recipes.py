@@ -13,7 +13,7 @@ import slapo_lightning as slapo
 from slapo_lightning.lightning import CausalLMModule, MaskedLMModule
 from slapo_lightning.cli.train import train
 
-import test_spec_fixtures as fx
+import tiny_models as fx
 
 RECIPES = {"gpt2": "CausalLMModule", "bert": "MaskedLMModule"}
 
