@@ -542,7 +542,7 @@ def other_busy_processes() -> list[str]:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if any(word in cmdline for word in ("pytest", "slapo-train", "slapo_lightning.train", "benchmarks/")):
+        if any(word in cmdline for word in ("pytest", "slapo-train", "slapo_lightning.cli", "benchmarks/")):
             busy.append(f"{pid}: {cmdline[:120].strip()}")
     return busy
 
