@@ -1,6 +1,8 @@
 """Dataflow-aware pattern matching."""
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -75,3 +77,50 @@ def test_node_predicate():
     sch = slapo.create_schedule(QKV())
     found = sch.find(lambda node: node.op == "call_module" and node.target == "out")
     assert len(found) == 1 and found[0].nodes[0].target == "out"
+
+
+def _rotate_half(x):
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _rope(q, cos, sin):
+    return q * cos + _rotate_half(q) * sin
+
+
+class Rotary(nn.Module):
+    """HF's rotation on a head layout, and a look-alike that halves at a different point."""
+
+    def forward(self, x, cos, sin):
+        q = x.view(2, 3, 4, 8).transpose(1, 2)
+        other = q * cos + torch.cat((-q[..., q.shape[-1] // 4:], q[..., : q.shape[-1] // 4]), dim=-1) * sin
+        return _rope(q, cos, sin) + other
+
+
+def test_values_computed_inside_a_slice_are_matched_as_dataflow():
+    found = slapo.create_schedule(Rotary()).find(_rope)
+    assert len(found) == 1
+    sliced = [n for n in found[0].nodes if n.target is operator.getitem and n.args[0] is found[0].inputs[0]]
+    assert len(sliced) == 2  # both halves of q, their bounds computed from q.shape
+
+
+def _scores(q, k):
+    return torch.matmul(q, k.transpose(-1, -2))
+
+
+class Scores(nn.Module):
+    def __init__(self, dims):
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x, y):
+        q, k = x.view(2, 3, 4, 8), y.view(2, 3, 4, 8)
+        return torch.matmul(q, k.transpose(*self.dims))
+
+
+def test_equivalent_transpose_spellings_match_given_the_rank():
+    for dims in [(2, 3), (3, 2), (-1, -2), (-2, 3), (2, -1)]:
+        assert len(slapo.create_schedule(Scores(dims)).find(_scores)) == 1, dims
+    for dims in [(1, 3), (1, 2), (-3, -1)]:
+        assert slapo.create_schedule(Scores(dims)).find(_scores) == [], dims

@@ -80,6 +80,18 @@ LOOSE_LITERALS = {F.dropout}
 """Functions matched on their input alone: a dropout is a dropout whatever its probability."""
 
 
+def _swapped_dims(args: list[Any], rank: int | None) -> list[Any]:
+    """``transpose(x, a, b)`` is ``transpose(x, b, a)``, and a negative dim is ``rank + dim``."""
+    if len(args) != 3 or not all(isinstance(d, int) for d in args[1:]):
+        return args
+    return [args[0], *sorted(d + rank if d < 0 and rank is not None else d for d in args[1:])]
+
+
+ARGUMENT_SPELLINGS: dict[Any, Callable[[list[Any], int | None], list[Any]]] = {torch.transpose: _swapped_dims}
+"""Canonical function -> ``fn(args, rank of the first argument or None)`` giving one spelling of
+equivalent arguments (``transpose(-1, -2)`` and ``transpose(2, 3)`` on a 4-d tensor)."""
+
+
 def register_equivalent_module(module_cls: type, fn: Callable) -> None:
     """Let pattern calls of ``fn`` match calls of ``module_cls`` instances."""
     MODULE_FUNCTIONS[module_cls] = fn
@@ -198,6 +210,8 @@ class DataflowMatcher(SubgraphMatcher):
             return "primary"
         if pn.op == "call_function" and _canonical(pn, None) in LOOSE_LITERALS:
             return "primary"
+        if _canonical(pn, None) in ARGUMENT_SPELLINGS:
+            return "aliased"
         if pn.op != gn.op or _canonical(pn, None) is not pn.target:
             return "aliased"
         return "exact"
@@ -231,6 +245,10 @@ class DataflowMatcher(SubgraphMatcher):
             p_args, g_args = list(pn.args[:1]), list(gn.args[:1])
         else:
             p_args, g_args = list(pn.args) + list(pn.kwargs.values()), list(gn.args) + list(gn.kwargs.values())
+            spelling = ARGUMENT_SPELLINGS.get(_canonical(pn, None))
+            if spelling is not None:
+                rank = tensor_rank(g_args[0]) if g_args else None
+                p_args, g_args = spelling(p_args, rank), spelling(g_args, rank)
         if len(p_args) == len(g_args) and all(self._match_value(a, b, match) for a, b in zip(p_args, g_args)):
             return True
         match.nodes_map.clear()
@@ -245,6 +263,51 @@ class DataflowMatcher(SubgraphMatcher):
         if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
             return len(a) == len(b) and all(self._match_value(x, y, match) for x, y in zip(a, b))
         return self._match_literals(a, b, match)
+
+    def _match_literals(self, pn: Any, gn: Any, match: InternalMatch) -> bool:
+        """Values inside a ``slice`` or a dict are dataflow too (``x[..., : x.shape[-1] // 2]``)."""
+        if isinstance(pn, slice) and isinstance(gn, slice):
+            return all(self._match_value(a, b, match) for a, b in
+                       zip((pn.start, pn.stop, pn.step), (gn.start, gn.stop, gn.step)))
+        if isinstance(pn, dict) and isinstance(gn, dict):
+            return list(pn) == list(gn) and all(self._match_value(pn[k], gn[k], match) for k in pn)
+        return super()._match_literals(pn, gn, match)
+
+
+_SAME_RANK_METHODS = {"transpose", "contiguous", "to", "type", "float", "half", "bfloat16", "neg", "softmax",
+                      "type_as", "masked_fill", "pow", "sqrt", "rsqrt", "tanh", "exp"}
+_SAME_RANK_FUNCTIONS = {torch.transpose, F.softmax, F.dropout, torch.dropout, torch.tanh, torch.rsqrt, operator.neg,
+                        F.silu, F.gelu, F.relu, torch.softmax}
+_ELEMENTWISE = {operator.add, operator.mul, operator.sub, operator.truediv, torch.add, torch.mul, torch.matmul,
+                operator.matmul, torch.where}
+_SHAPE_METHODS = {"view", "reshape", "expand", "permute", "new_zeros", "new_ones"}
+
+
+def tensor_rank(value: Any, depth: int = 32) -> int | None:
+    """The number of dimensions of a graph value, read off the ops that made it (``view(b, s, -1, d)``,
+    ``transpose``, elementwise ops, indexing, module calls); None where the graph does not say."""
+    if not isinstance(value, fx.Node) or depth == 0:
+        return None
+    args, target = value.args, value.target
+    if value.op == "call_method" and target in _SHAPE_METHODS and len(args) > 1:
+        shape = args[1] if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:]
+        return len(shape)
+    if value.op == "call_method" and target == "unsqueeze" or target is torch.unsqueeze:
+        inner = tensor_rank(args[0], depth - 1)
+        return None if inner is None else inner + 1
+    if (value.op == "call_method" and target in _SAME_RANK_METHODS) or target in _SAME_RANK_FUNCTIONS \
+            or value.op == "call_module":
+        return tensor_rank(args[0], depth - 1) if args else None
+    if target in _ELEMENTWISE or (value.op == "call_method" and target in ("mul", "add", "sub", "div")):
+        ranks = [tensor_rank(a, depth - 1) for a in args if isinstance(a, fx.Node)]
+        known = [r for r in ranks if r is not None]
+        return max(known) if known and len(known) == len(ranks) else None
+    if target is operator.getitem and isinstance(args[1], tuple) and Ellipsis not in args[1]:
+        inner = tensor_rank(args[0], depth - 1)
+        if inner is None:
+            return None
+        return inner + sum(i is None for i in args[1]) - sum(isinstance(i, int) for i in args[1])
+    return None
 
 
 def _reads_static_attribute(node: fx.Node) -> bool:
@@ -305,4 +368,4 @@ def is_node_predicate(fn: Callable) -> bool:
 
 
 __all__ = ["call_module", "Origin", "Subgraph", "find_matches", "DataflowMatcher", "find_subgraphs", "find_nodes",
-           "register_equivalent_module", "trace_pattern"]
+           "register_equivalent_module", "tensor_rank", "trace_pattern"]
