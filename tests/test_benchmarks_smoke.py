@@ -50,3 +50,16 @@ def test_memory_quick_writes_its_results(tmp_path):
     assert [r["variant"] for r in rows] == ["sdpa", "schedule", "schedule_checkpoint"]
     assert all(float(r["total_mib"]) > 0 and float(r["tokens_per_s"]) > 0 for r in rows)
     assert stem.with_suffix(".png").stat().st_size > 0
+
+
+@pytest.mark.ci
+def test_finetune_quick_writes_its_results(tmp_path):
+    run_benchmark("finetune.py", tmp_path)
+    table = (tmp_path / "finetune_quick.md").read_text()
+    assert "| variant | real tokens/s | computed tokens/s | speed vs sdpa | peak MiB |" in table
+    results = json.loads((tmp_path / "finetune_quick.json").read_text())["results"]
+    assert set(results) == {"sdpa", "schedule"}
+    assert all(r["round_s"] > 0 and r["peak_mib"] > 0 and r["real_tokens"] < r["computed_tokens"]
+               for r in results.values())
+    dispatch = results["schedule"]["dispatch"]
+    assert dispatch["specialisations"]["BertSelfAttention"] == 2 and dispatch["dispatch_us"] > 0
