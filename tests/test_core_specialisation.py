@@ -137,3 +137,29 @@ def test_hierarchy_trace_makes_every_child_a_traced_module_of_its_own():
     for child in ("attention", "attention.self", "attention.output", "intermediate", "output"):
         assert isinstance(layer[child].mod, TracedModule), child
     assert isinstance(layer["attention.self.query"].mod, nn.Linear)  # torch.nn built-ins stay leaves
+
+
+def test_a_python_schedule_holds_for_a_kind_of_call_first_seen_at_run_time():
+    from slapo_lightning.op import FusedQKV
+    from slapo_lightning.pattern import call_module
+
+    model = bert()
+    original = copy.deepcopy(model)
+    unpadded, padded = batches()
+    sch = slapo.create_schedule(model, example_inputs=unpadded)
+    attention = sch["bert.encoder.layer.0.attention.self"]
+    attention.trace(example_inputs=attention.example_inputs())  # this kind of call only
+    traced = attention.mod
+    assert len(traced.specialisations) == 1
+    qkv = attention.find(lambda x: call_module(r"query|key|value", x))
+    fused = FusedQKV.from_linears(traced.query, traced.key, traced.value, n_heads=4)
+    attention.replace(fused, qkv)
+    keys = list(model.state_dict())
+    slapo.verify(original, model, padded, rtol=1e-4, atol=1e-5)  # a mask: traced and scheduled now
+    assert len(traced.specialisations) == 2 and traced.specialisations[1].origin == "run time"
+    new = traced.specialisations[1]
+    called = {traced.get_submodule(n.target) for n in new.graph.nodes if n.op == "call_module"}
+    assert fused in called and not new.skipped, "the same FusedQKV instance serves the new variant"
+    assert not hasattr(traced, "query"), "the replaced Linears stay gone"
+    assert list(model.state_dict()) == keys
+    slapo.verify(original, model, unpadded, rtol=1e-4, atol=1e-5)
