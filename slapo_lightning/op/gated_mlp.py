@@ -10,6 +10,7 @@ replaces; on CUDA the elementwise gate and its backward go through torch.compile
 """
 from __future__ import annotations
 
+import operator
 from typing import Callable
 
 import torch
@@ -215,8 +216,29 @@ class GatedMLP(nn.Module):
 
     @classmethod
     def from_match(cls, match) -> "GatedMLP":
-        """The scheduled gated MLP module, replaced as a whole, through :meth:`from_module`."""
-        return cls.from_module(whole_module(match, "gated_mlp"))
+        """The scheduled gated MLP module replaced as a whole (:meth:`from_module`), or the Linears
+        of a matched ``down(act(gate(x)) * up(x))`` told apart by dataflow (down makes the output,
+        up feeds the product directly, gate through the activation), with the pattern's
+        ``activation`` tag."""
+        if not match.subgraphs:
+            return cls.from_module(whole_module(match, "gated_mlp"))
+        nodes = [n for n in match.nodes if n.op == "call_module"
+                 and isinstance(match.module.get_submodule(n.target), nn.Linear)]
+        output = match.subgraphs[0].outputs[0]
+        down = [n for n in nodes if n is output]
+        inner = [n for n in nodes if n is not output]
+        if len(down) != 1 or len(inner) not in (1, 2) or "activation" not in match.tags:
+            raise OpError(f"gated_mlp: expected a down Linear making the output and one or two Linears before it, "
+                          f"found {[n.target for n in nodes]} (output {output})")
+        linear = lambda n: match.module.get_submodule(n.target)  # noqa: E731
+        activation = match.tags["activation"]
+        if len(inner) == 1:
+            return cls.from_gate_up(linear(inner[0]), linear(down[0]), activation)
+        up = [n for n in inner if any(u.target in (operator.mul, "mul") for u in n.users)]
+        gate = [n for n in inner if n not in up]
+        if len(up) != 1 or len(gate) != 1:
+            raise OpError(f"gated_mlp: cannot tell gate from up among {[n.target for n in inner]}")
+        return cls.from_linears(linear(gate[0]), linear(up[0]), linear(down[0]), activation)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         device_type = hidden_states.device.type

@@ -68,6 +68,15 @@ def literal(match: MatchLike, name: str, what: str) -> Any:
     return value
 
 
+def parameter(match: MatchLike, name: str, what: str) -> nn.Parameter:
+    """The Parameter the pattern parameter ``name`` matched (a flattened trace reads a module's
+    weight as a ``get_attr`` node); OpError when it matched something else."""
+    value = match.values.get(name)
+    if not (isinstance(value, fx.Node) and value.op == "get_attr"):
+        raise OpError(f"{what}: the matched {name!r} is {value}, expected a parameter of the module")
+    return match.module.get_parameter(value.target)
+
+
 def path_of(match: MatchLike) -> str:
     return getattr(match.sch, "path", "") or "<root>"
 

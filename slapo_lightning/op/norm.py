@@ -24,7 +24,7 @@ from torch import nn
 
 from .compiled import compiled_on_cuda
 from ..errors import OpError
-from .matching import one_module
+from .matching import Built, literal, one_module, parameter
 from .registry import register_op
 
 CASTS = ("before_weight", "after_weight")
@@ -176,9 +176,17 @@ class RMSNorm(nn.Module):
         return op
 
     @classmethod
-    def from_match(cls, match) -> "RMSNorm":
+    def from_match(cls, match) -> "RMSNorm | Built":
         """The scheduled RMSNorm module, or the one norm module called inside a pattern match,
-        through :meth:`from_module` (variant and eps read off the module)."""
+        through :meth:`from_module` (variant and eps read off the module); for a match of the norm's
+        own dataflow (a flattened trace calls no norm module), its weight and eps, and the variant
+        from the pattern's ``offset`` and ``cast`` tags."""
+        if match.subgraphs and "weight" in match.values and not match.called_modules():
+            weight = parameter(match, "weight", "rms_norm")
+            op = cls(weight.shape[0], eps=literal(match, "eps", "rms_norm"), offset=match.tags.get("offset", 0.0),
+                     cast=match.tags.get("cast", "before_weight"), elementwise_affine=False)
+            op.weight = weight
+            return Built(op, inputs=("x",))
         return cls.from_module(one_module(match, "rms_norm", _looks_like_rms_norm))
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..errors import OpError
 from .compiled import compiled_on_cuda
+from .matching import Built, literal
 from .registry import register_op
 
 
@@ -104,8 +105,11 @@ class FusedRoPE(nn.Module):
 
     @classmethod
     def from_match(cls, match) -> "FusedRoPE":
-        """No hyper-parameters to read: the rotary width comes with cos/sin at run time."""
-        return cls()
+        """No hyper-parameters to read (the rotary width comes with cos/sin at run time); a match
+        passes on the dimension it unsqueezed cos/sin at."""
+        if "unsqueeze_dim" not in match.values:
+            return cls()
+        return Built(cls(), concrete_args={"unsqueeze_dim": int(literal(match, "unsqueeze_dim", "rope"))})
 
     def forward(self, q, k, cos, sin, unsqueeze_dim: int = 1):
         return rope(q, k, cos, sin, unsqueeze_dim)

@@ -1,5 +1,6 @@
-"""The patterns shipped with slapo_lightning: what Hugging Face BERT / GPT-2 (transformers 5.x)
-and the Slapo tutorials write, in the forms the tracer records."""
+"""The patterns shipped with slapo_lightning: what Hugging Face BERT / GPT-2 and the decoders'
+attention (transformers 5.x) and the Slapo tutorials write, in the forms the tracer records; the
+decoders' norms, MLPs and rotary embeddings are in ``decoder_patterns``."""
 from __future__ import annotations
 
 import math
@@ -21,6 +22,15 @@ def qkv_linear(x):
 
 
 register_pattern("qkv_linears", qkv_linear, group=True, count=3)
+
+
+def linear_projection(x):
+    """Any ``nn.Linear`` called on ``x``: three of them on one input are an attention's q, k, v
+    (in graph order), whatever the Linears are called."""
+    return F.linear(x, x)  # matched on its input alone: the module holds the weight
+
+
+register_pattern("qkv_projections", linear_projection, group=True, count=3, by_input=True)
 
 # -- attention core --------------------------------------------------------------------------------
 
@@ -59,6 +69,45 @@ def sdpa_attention(q, k, v, attention_mask, dropout_p, scale, is_causal):
                                           is_causal=is_causal)
 
 
+def repeat_kv(x, n_rep):
+    """HF's ``repeat_kv``: grouped key/value heads repeated to the query heads."""
+    batch, heads, seq, dim = x.shape
+    x = x[:, :, None, :, :].expand(batch, heads, n_rep, seq, dim)
+    return x.reshape(batch, heads * n_rep, seq, dim)
+
+
+def decoder_eager_attention_masked(q, k, v, scale, attention_mask):
+    """HF 5.x ``eager_attention_forward`` of the decoders: float32 softmax cast to q's dtype."""
+    scores = torch.matmul(q, k.transpose(2, 3)) * scale + attention_mask
+    return torch.matmul(F.dropout(F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)), v)
+
+
+def decoder_eager_attention(q, k, v, scale):
+    scores = torch.matmul(q, k.transpose(2, 3)) * scale
+    return torch.matmul(F.dropout(F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)), v)
+
+
+def gqa_eager_attention_masked(q, k, v, n_rep, scale, attention_mask):
+    """Grouped-query eager attention: k and v repeated (``repeat_kv``) before the core; the op
+    reads the grouped heads directly."""
+    return decoder_eager_attention_masked(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), scale, attention_mask)
+
+
+def gqa_eager_attention(q, k, v, n_rep, scale):
+    return decoder_eager_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), scale)
+
+
+def gqa_sdpa_attention(q, k, v, attention_mask, dropout_p, scale, is_causal):
+    """HF's sdpa path when torch's kernel reads grouped heads itself (``enable_gqa=True``)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout_p, scale=scale,
+                                          is_causal=is_causal, enable_gqa=True)
+
+
+def gqa_sdpa_attention_repeated(q, k, v, n_rep, attention_mask, dropout_p, scale, is_causal):
+    """HF's sdpa path when it repeats k and v first (a mask or a backend without ``enable_gqa``)."""
+    return sdpa_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attention_mask, dropout_p, scale, is_causal)
+
+
 DROPOUT_TARGETS = (F.dropout, torch.dropout)
 
 
@@ -93,17 +142,26 @@ def drop_returned_attention_probabilities(gm: fx.GraphModule):
 
 
 EAGER_VARIANTS = (
+    Variant(gqa_eager_attention_masked, {"scale": "mul"}),
+    Variant(gqa_eager_attention, {"scale": "mul"}),
+    Variant(decoder_eager_attention_masked, {"scale": "mul"}),
+    Variant(decoder_eager_attention, {"scale": "mul"}),
     Variant(bert_eager_attention_masked, {"scale": "mul"}),
     Variant(bert_eager_attention, {"scale": "mul"}),
     Variant(gpt2_eager_attention_masked, {"scale": "mul"}),
     Variant(gpt2_eager_attention, {"scale": "mul"}),
     Variant(tutorial_attention, {"scale": "div"}),
 )
-SDPA_VARIANTS = (Variant(sdpa_attention, {"scale": "mul"}),)
+SDPA_VARIANTS = (
+    Variant(gqa_sdpa_attention_repeated, {"scale": "mul"}),
+    Variant(gqa_sdpa_attention, {"scale": "mul"}),
+    Variant(sdpa_attention, {"scale": "mul"}),
+)
 
 register_pattern("eager_attention", *EAGER_VARIANTS, prepare=drop_returned_attention_probabilities,
                  doc="HF eager attention core matmul -> (*scale) -> (+mask) -> softmax -> dropout -> matmul "
-                     "(BERT and GPT-2 forms, and the tutorial's / sqrt(d)).")
+                     "(BERT, GPT-2 and decoder forms, grouped-query k/v repeated or not, and the tutorial's "
+                     "/ sqrt(d)).")
 register_pattern("sdpa_attention", *SDPA_VARIANTS)
 register_pattern("attention", *EAGER_VARIANTS, *SDPA_VARIANTS, prepare=drop_returned_attention_probabilities,
                  doc="The attention core in either form: eager_attention or sdpa_attention "
@@ -150,3 +208,5 @@ def bias_dropout_add_layer_norm_residual_first(x, bias, residual):
 
 register_pattern("bias_dropout_add_layer_norm", bias_dropout_add_layer_norm,
                  bias_dropout_add_layer_norm_residual_first)
+
+from . import decoder_patterns  # noqa: E402,F401  (registration: RMSNorm, gated MLP, RoPE)

@@ -36,6 +36,7 @@ class PatternSpec:
     variants: tuple[Variant, ...]
     group: bool = False
     count: int | None = None
+    by_input: bool = False
     prepare: Callable[[fx.GraphModule], Undo | None] | None = None
     doc: str = ""
 
@@ -52,12 +53,16 @@ PATTERNS: Registry = Registry("pattern")
 
 
 def register_pattern(name: str, *variants: Callable | Variant, group: bool = False, count: int | None = None,
-                     prepare: Callable | None = None, doc: str = "", overwrite: bool = False) -> PatternSpec:
-    """Register pattern functions (or node predicates) under ``name`` for specs to use."""
+                     by_input: bool = False, prepare: Callable | None = None, doc: str = "",
+                     overwrite: bool = False) -> PatternSpec:
+    """Register pattern functions (or node predicates) under ``name`` for specs to use.
+
+    ``group``: the matches are replaced together; with ``by_input`` only matches that share their
+    inputs form a group, and only groups of ``count`` are used (q/k/v among other Linears)."""
     if not variants:
         raise PatternError(f"pattern {name!r} needs at least one pattern function")
     spec = PatternSpec(name, tuple(v if isinstance(v, Variant) else Variant(v) for v in variants),
-                       group=group, count=count, prepare=prepare, doc=doc or (inspect.getdoc(variants[0]) or ""))
+                       group=group, count=count, by_input=by_input, prepare=prepare, doc=doc or (inspect.getdoc(variants[0]) or ""))
     PATTERNS.register(name, spec, overwrite=overwrite)
     return spec
 
@@ -84,6 +89,11 @@ def _groups(sch, pattern: PatternSpec, variant: Variant) -> list[Group]:
         return []
     if not pattern.group:
         return [Group([sg], variant) for sg in found]
+    if pattern.by_input:
+        shared: dict[tuple, list[Subgraph]] = {}
+        for sg in found:
+            shared.setdefault(tuple(id(v) for v in sg.inputs), []).append(sg)
+        return [Group(sgs, variant) for sgs in shared.values() if pattern.count is None or len(sgs) == pattern.count]
     if pattern.count is not None and len(found) != pattern.count:
         raise PatternError(f"pattern {pattern.name!r} matched {len(found)} subgraphs in {sch.path or '<root>'}, "
                            f"expected {pattern.count} to replace together")
