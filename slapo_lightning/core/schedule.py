@@ -74,8 +74,10 @@ class Schedule:
             return False
 
     def select(self, selector: Any) -> list["Schedule"]:
-        """Submodules matching a glob (``*`` one component, ``**`` any), ``re:<regex>`` or a class."""
-        match = _selector(selector)
+        """Submodules matching a glob (``*`` one component, ``**`` any), ``re:<regex>``, a class,
+        ``class:<import path>``, ``classname:<glob>`` (the class's name, e.g. ``*DecoderLayer``) or
+        ``no_split:`` (the model's repeated layers: the classes HF's ``_no_split_modules`` names)."""
+        match = _selector(selector, self._root.module)
         return [Schedule(self._root, self._join(p)) for p, m in self.mod.named_modules() if p and match(p, m)]
 
     def replace_module(self, new: nn.Module) -> None:
@@ -265,11 +267,26 @@ def _glob_match(parts: list[str], path: list[str]) -> bool:
     return bool(path) and fnmatch.fnmatchcase(path[0], parts[0]) and _glob_match(parts[1:], path[1:])
 
 
-def _selector(selector: Any) -> Callable[[str, nn.Module], bool]:
+def no_split_classes(root: nn.Module) -> set[str]:
+    """Class names in the ``_no_split_modules`` of every Hugging Face model inside ``root``: the
+    blocks HF never splits across devices, i.e. its repeated layers (and e.g. BERT's embeddings)."""
+    return {name for m in root.modules() for name in (getattr(m, "_no_split_modules", None) or ())}
+
+
+def _selector(selector: Any, root: nn.Module | None = None) -> Callable[[str, nn.Module], bool]:
     if isinstance(selector, type):
         return lambda p, m: isinstance(m, selector)
     if not isinstance(selector, str):
-        raise ScheduleError(f"selector must be a glob, 're:<regex>', a class or 'class:<path>', got {selector!r}")
+        raise ScheduleError(f"selector must be a glob, 're:<regex>', a class, 'class:<path>', 'classname:<glob>' "
+                            f"or 'no_split:', got {selector!r}")
+    if selector.startswith("no_split:"):
+        if selector != "no_split:":
+            raise ScheduleError(f"selector {selector!r}: 'no_split:' takes nothing after the colon")
+        names = no_split_classes(root) if root is not None else set()
+        return lambda p, m: type(m).__name__ in names
+    if selector.startswith("classname:"):
+        glob = selector[len("classname:"):]
+        return lambda p, m: fnmatch.fnmatchcase(type(m).__name__, glob)
     if selector.startswith("class:"):
         cls = import_object(selector[len("class:"):])
         return lambda p, m: isinstance(m, cls)
