@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch.fx as fx
 from torch import nn
 
-from ..errors import OpError, ReplaceError, SpecError, closest
+from ..errors import OpError, ReplaceError, SpecError, TraceError, closest
 from ..core.pattern import Subgraph
 from ..core.edits import apply_everywhere
 from ..core.primitives.fuse import COMPILERS
@@ -120,8 +120,28 @@ def _check_name(args: dict[str, Any]) -> list[str]:
 
 def _run_trace(sch, args: dict[str, Any]) -> StepRecord:
     leaves = [_leaf(l) for l in args.get("leaves") or ()]
-    sch.trace(flatten=args["flatten"], leaves=leaves or None)
-    return StepRecord("trace", "flatten" if args["flatten"] else "", 1)
+    detail = "flatten" if args["flatten"] else ""
+    try:
+        sch.trace(flatten=args["flatten"], leaves=leaves or None)
+    except TraceError:
+        if not args["leaf_on_failure"]:
+            raise
+        child = _trace_keeping_one_child(sch, args["flatten"], leaves)
+        detail += f"{', ' if detail else ''}{child} kept as a leaf (it does not trace)"
+    return StepRecord("trace", detail, 1)
+
+
+def _trace_keeping_one_child(sch, flatten: bool, leaves: list) -> str:
+    """Trace with the first direct child whose staying opaque lets the trace through (an MoE
+    block's data-dependent expert loop); TraceError, as the plain trace, when none does."""
+    failure = None
+    for name, _ in list(sch.mod.named_children()):
+        try:
+            sch.trace(flatten=flatten, leaves=[*leaves, name])
+            return name
+        except TraceError as exc:
+            failure = exc
+    raise failure if failure is not None else TraceError(f"cannot trace {sch.path or '<root>'}")
 
 
 def _leaf(ref: str) -> Any:
@@ -134,14 +154,15 @@ def _leaf(ref: str) -> Any:
 
 
 def _check_trace(args: dict[str, Any]) -> list[str]:
-    found = _check_bool(args, "flatten")
+    found = _check_bool(args, "flatten", "leaf_on_failure")
     leaves = args.get("leaves")
     if leaves is not None and (not isinstance(leaves, list) or not all(isinstance(l, str) for l in leaves)):
         found.append(f"argument 'leaves' must be a list of child names or 'class:<import path>', got {leaves!r}")
     return found
 
 
-register_step(StepKind("trace", {"flatten": Param(False), "leaves": Param(None)}, _run_trace, _check_trace))
+register_step(StepKind("trace", {"flatten": Param(False), "leaves": Param(None), "leaf_on_failure": Param(False)},
+                       _run_trace, _check_trace))
 
 
 # -- decompose ---------------------------------------------------------------------------------------
