@@ -1,26 +1,31 @@
-"""GPT-2 causal language modelling."""
+"""Causal language modelling for any Hugging Face causal LM."""
 from __future__ import annotations
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from .language_model import LanguageModelModule
 
 
 class CausalLMModule(LanguageModelModule):
-    """``GPT2LMHeadModel`` trained to predict the next token.
+    """A Hugging Face causal LM trained to predict the next token: GPT-2 by default, any other
+    architecture by ``model_type`` (``llama``, ``qwen2``, ...; presets in ``configs/model/``) or by
+    the config.json of ``pretrained_path``.
 
-    The loss runs the transformer, then ``model.lm_loss`` on the hidden states and the tied head
-    weight, so a schedule can fuse the head with the cross-entropy (see ``lm_loss.py``).
+    The loss runs the base model, then ``model.lm_loss`` on the hidden states and the output
+    embedding's weight (and bias), so a schedule can fuse the head with the cross-entropy (see
+    ``lm_loss.py``).
     """
 
     model_class = GPT2LMHeadModel
     config_class = GPT2Config
+    auto_class = AutoModelForCausalLM
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.model.transformer(
+        hidden = self.model.base_model(
             input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False
         ).last_hidden_state
         labels = batch["labels"][:, 1:]
-        loss = self.model.lm_loss(hidden[:, :-1], self.model.lm_head.weight, labels)
+        head = self.model.get_output_embeddings()
+        loss = self.model.lm_loss(hidden[:, :-1], head.weight, labels, head.bias)
         return loss, self.predicted_tokens(labels)

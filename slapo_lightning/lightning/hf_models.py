@@ -1,13 +1,14 @@
 """Build the Hugging Face model of a recipe: a size preset (random init) or a local pretrained directory."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Mapping
 
 from transformers import PretrainedConfig, PreTrainedModel
 
-from ..errors import RecipeError
+from ..errors import RecipeError, unknown
 
 
 def preset_config(size: str, sizes: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
@@ -15,6 +16,28 @@ def preset_config(size: str, sizes: Mapping[str, Mapping[str, Any]]) -> dict[str
     if size not in sizes:
         raise RecipeError(f"model.size={size!r} is not a preset; valid: {', '.join(sizes)}")
     return dict(sizes[size])
+
+
+def hf_classes(auto_class: Any, model_type: str | None, pretrained_path: str | None,
+               default: tuple[type[PreTrainedModel], type[PretrainedConfig]]) -> tuple[type[PreTrainedModel], type[PretrainedConfig]]:
+    """The model and config classes of ``model_type`` (an HF config ``model_type`` such as ``llama``)
+    for ``auto_class`` (e.g. ``AutoModelForCausalLM``); a ``pretrained_path``'s own config.json names
+    it instead; ``default`` when neither does."""
+    from transformers import CONFIG_MAPPING
+
+    if pretrained_path:
+        config_file = Path(os.path.expanduser(pretrained_path)) / "config.json"
+        if config_file.is_file():
+            model_type = json.loads(config_file.read_text()).get("model_type", model_type)
+    if model_type is None:
+        return default
+    if model_type not in CONFIG_MAPPING:
+        raise RecipeError(unknown("model.model_type", model_type, sorted(CONFIG_MAPPING.keys())))
+    config_class = CONFIG_MAPPING[model_type]
+    try:
+        return auto_class._model_mapping[config_class], config_class
+    except KeyError:
+        raise RecipeError(f"model.model_type={model_type!r} has no {auto_class.__name__} class in transformers") from None
 
 
 def build_hf_model(

@@ -13,7 +13,7 @@ from torchmetrics import MeanMetric
 from transformers import PretrainedConfig, PreTrainedModel, get_cosine_with_min_lr_schedule_with_warmup
 
 from ..errors import RecipeError
-from .hf_models import build_hf_model
+from .hf_models import build_hf_model, hf_classes
 from .lm_loss import IGNORE_INDEX, LMHeadLoss
 
 
@@ -28,12 +28,15 @@ class LanguageModelModule(pl.LightningModule):
     AdamW (torch's fused kernel where the parameters' device has one, unless ``fused_adamw`` says
     otherwise), linear warmup and cosine decay to ``min_lr_ratio * lr``; logs loss and perplexity.
 
-    Subclasses set ``model_class``/``config_class`` and implement ``loss(batch) -> (loss, n)``,
-    ``n`` being the number of predicted tokens as a 0-d tensor (validation loss is averaged per token).
+    Subclasses set ``model_class``/``config_class`` (the default architecture), ``auto_class`` (the
+    HF Auto class that finds the model class of another ``model_type``, or of a pretrained
+    directory's config) and implement ``loss(batch) -> (loss, n)``, ``n`` being the number of
+    predicted tokens as a 0-d tensor (validation loss is averaged per token).
     """
 
     model_class: type[PreTrainedModel]
     config_class: type[PretrainedConfig]
+    auto_class: Any = None
 
     def __init__(
         self,
@@ -50,14 +53,17 @@ class LanguageModelModule(pl.LightningModule):
         warmup_steps: int = 50,
         min_lr_ratio: float = 0.1,
         fused_adamw: bool | None = None,
+        model_type: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
+        model_class, config_class = hf_classes(self.auto_class, model_type, pretrained_path,
+                                               (self.model_class, self.config_class))
         self.model = build_hf_model(
-            self.model_class, self.config_class, size, sizes or {}, config, vocab_size, token_ids,
+            model_class, config_class, size, sizes or {}, config, vocab_size, token_ids,
             pretrained_path, attn_implementation,
         )
-        self.model.lm_loss = LMHeadLoss()
+        self.model.lm_loss = LMHeadLoss(softcap=getattr(self.model.config, "final_logit_softcapping", None))
         self.val_loss = MeanMetric()
         self.flops_per_batch: int | None = None  # the current batch's, for ThroughputMonitor
         self.flops_per_row: dict[str, float] | None = None  # measured: {"train": fwd+bwd, "val": fwd} per sequence

@@ -20,14 +20,25 @@ IGNORE_INDEX = -100
 
 
 class LMHeadLoss(nn.Module):
-    """``mean(cross_entropy(hidden @ weight.T + bias, labels))`` over labels that are not -100.
+    """``mean(cross_entropy(hidden @ weight.T + bias, labels))`` over labels that are not -100;
+    with ``softcap`` (Gemma2's ``final_logit_softcapping``) the logits are ``cap * tanh(logits / cap)``
+    first, as the HF model computes them.
 
     Contract for replacements: ``forward(hidden_states (..., H), weight (V, H), labels (...), bias (V,) |
     None) -> scalar``; logits are computed in float32; the mean is over non-ignored labels.
     """
 
+    def __init__(self, softcap: float | None = None):
+        super().__init__()
+        self.softcap = softcap
+
     def forward(
         self, hidden_states: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
         logits = F.linear(hidden_states.reshape(-1, hidden_states.shape[-1]), weight, bias).float()
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
         return F.cross_entropy(logits, labels.reshape(-1), ignore_index=IGNORE_INDEX)
+
+    def extra_repr(self) -> str:
+        return "" if self.softcap is None else f"softcap={self.softcap}"
