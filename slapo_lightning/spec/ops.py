@@ -38,6 +38,7 @@ class Match:
     sch: Any
     subgraphs: list[Subgraph] = field(default_factory=list)
     tags: dict[str, Any] = field(default_factory=dict)
+    model_config: Any = None  # the model's HF config when ``sch`` is a layer on its own (a variant made later)
 
     @property
     def module(self) -> nn.Module:
@@ -62,9 +63,10 @@ class Match:
         return [m for m in found if isinstance(m, cls)]
 
     def config(self, *names: str, default: Any = None) -> Any:
-        """The first of ``names`` found on the model's HF config (module's own, then the root's)."""
-        for owner in (self.module, self.sch.root.mod):
-            config = getattr(owner, "config", None)
+        """The first of ``names`` found on the model's HF config (module's own, the root's, then
+        the one the match was made with)."""
+        for config in (getattr(self.module, "config", None), getattr(self.sch.root.mod, "config", None),
+                       self.model_config):
             for name in names:
                 if config is not None and getattr(config, name, None) is not None:
                     return getattr(config, name)

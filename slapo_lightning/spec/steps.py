@@ -237,7 +237,7 @@ def _replace_matches(sch, args: dict[str, Any], edit: "StepEdit") -> int:
 
     def replace(group: Group) -> None:
         ordinal = next(ordinals)
-        built = build_op(op, Match(sch, group.subgraphs, dict(group.variant.tags)), op_args)
+        built = build_op(op, Match(sch, group.subgraphs, dict(group.variant.tags), edit.config), op_args)
         module, name = edit.op_for(sch.mod, ordinal, built.module)
         if name is None:
             name = unique_child_name(sch.mod, args.get("name") or type(module).__name__)
@@ -329,8 +329,12 @@ class StepEdit:
     ops: dict[int, str] = field(default_factory=dict)
     recording: bool = False
 
+    config: Any = None
+
     def run(self, sch, first: bool) -> int:
         self.recording = first
+        if first:
+            self.config = getattr(sch.root.mod, "config", None)
         try:
             return MATCH_ACTIONS[self.kind](sch, self.args, self)
         finally:
@@ -372,9 +376,14 @@ def _in_every_variant(sch, kind: str, args: dict[str, Any], detail: str) -> Step
     if not isinstance(sch.mod, fx.GraphModule):
         sch.trace()
     edit = StepEdit(f"{kind} {detail}", kind, dict(args))
-    result = apply_everywhere(sch.mod, edit, lambda: edit.run(sch, first=True))
-    if not result.value:
-        raise NoMatch(f"pattern {args['pattern']!r} matches nothing")
+
+    def first() -> int:
+        count = edit.run(sch, first=True)
+        if not count:
+            raise NoMatch(f"pattern {args['pattern']!r} matches nothing")
+        return count
+
+    result = apply_everywhere(sch.mod, edit, first)
     return StepRecord(kind, detail, result.value, skipped_variants=result.skipped)
 
 

@@ -90,6 +90,14 @@ def _erase(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
             gm.graph.erase_node(node)
 
 
+def _erase_unread_attributes(gm: fx.GraphModule) -> None:
+    """A parameter a subgraph read (a flattened norm's ``weight``) may live in the replacement now;
+    its ``get_attr`` left unread would keep the old child called, and its key in the state_dict."""
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            gm.graph.erase_node(node)
+
+
 def _check_same_graph(gm: fx.GraphModule, subgraphs: list[Subgraph], path: str) -> None:
     for sg in subgraphs:
         if any(node.graph is not gm.graph or node._erased for node in sg.nodes):
@@ -149,6 +157,7 @@ def replace_in_graph(gm: fx.GraphModule, subgraphs: list[Subgraph], child_name: 
             for i, out in enumerate(outputs):
                 out.replace_all_uses_with(gm.graph.call_function(operator.getitem, (call, i)))
     _erase(gm, sorted({n for sg in subgraphs for n in sg.nodes}, key=list(gm.graph.nodes).index))
+    _erase_unread_attributes(gm)
     if first_time and len(subgraphs) > 1 and supports_split_state(module) and all(len(m) == 1 for m in original_modules):
         alias_split_state(gm, child_name, [m[0] for m in original_modules])
     gm.graph.lint()
