@@ -163,3 +163,19 @@ def test_a_python_schedule_holds_for_a_kind_of_call_first_seen_at_run_time():
     assert not hasattr(traced, "query"), "the replaced Linears stay gone"
     assert list(model.state_dict()) == keys
     slapo.verify(original, model, unpadded, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_scheduled_layers_take_both_kinds_of_batch_without_graph_breaks():
+    import torch._dynamo
+
+    model = bert().eval()
+    original = copy.deepcopy(model)
+    slapo.apply_schedule(model, "slapo_lightning/configs/schedule/bert.yaml")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    for layer in model.bert.encoder.layer:
+        layer.compile()
+    for inputs in batches() + batches():
+        torch.testing.assert_close(model(**inputs).logits, original(**inputs).logits, rtol=1e-5, atol=1e-5)
+    assert not torch._dynamo.utils.counters["graph_break"]

@@ -348,7 +348,12 @@ def _executing(args: tuple):
         yield
 
 
-def _rng_state(args: tuple, kwargs: dict) -> tuple:
+def _rng_state(args: tuple, kwargs: dict) -> tuple | None:
+    """The random streams a specialisation that misses half-way must give back. Under
+    torch.compile there are none to save: the compiled region's own guards find the miss before
+    anything runs, and reading the RNG state would break its graph."""
+    if torch.compiler.is_compiling():
+        return None
     cuda = None
     for value in (*args, *kwargs.values()):
         if isinstance(value, torch.Tensor) and value.is_cuda:
@@ -357,7 +362,9 @@ def _rng_state(args: tuple, kwargs: dict) -> tuple:
     return torch.get_rng_state(), cuda
 
 
-def _set_rng_state(state: tuple) -> None:
+def _set_rng_state(state: tuple | None) -> None:
+    if state is None:
+        return
     cpu, cuda = state
     torch.set_rng_state(cpu)
     if cuda is not None:
