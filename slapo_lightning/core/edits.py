@@ -60,14 +60,16 @@ def apply_everywhere(gm: Any, edit: Any, first: Callable[[], Any]) -> EditResult
     if applying_edit():
         return EditResult(first())
     if not isinstance(gm, TracedModule):
-        keys_before, called_before = tensor_keys(gm), gm_called_children(gm)
+        keys_before, called_before, used_before = tensor_keys(gm), gm_called_children(gm), _used_modules(gm)
         with _applying():
             value = first()
         _drop_replaced_children(gm, called_before, gm_called_children(gm))
+        _drop_replaced_descendants(gm, used_before, _used_modules(gm))
         keep_original_keys(gm, moved_keys(keys_before, gm))
         return EditResult(value)
     keys_before = tensor_keys(gm)
     called_before = gm.called_children()
+    used_before = _used_modules(gm)
     path = gm.__dict__["_slapo_state"].options.path or "<root>"
     skipped: list[str] = []
     with _applying():
@@ -90,6 +92,7 @@ def apply_everywhere(gm: Any, edit: Any, first: Callable[[], Any]) -> EditResult
         if spec.skipped:
             _refuse_unsafe_skip(gm, spec, called_before, path)
     _drop_replaced_children(gm, called_before, gm.called_children())
+    _drop_replaced_descendants(gm, used_before, _used_modules(gm))
     keep_original_keys(gm, moved_keys(keys_before, gm))
     for message in skipped:
         warnings.warn(f"slapo_lightning: {message}; that variant runs the unscheduled code for it",
@@ -157,6 +160,36 @@ def _drop_replaced_children(gm: Any, called_before: set[str], called_after: set[
         child = gm._modules.get(name)
         if child is not None and _holds_tensors(child):
             delattr(gm, name)
+
+
+def _used_modules(gm: Any) -> set[str]:
+    """Dotted paths of the submodules any graph of ``gm`` calls or reads a tensor of, with their
+    ancestors (a flattened trace calls ``attention.self.query`` itself)."""
+    graphs = [spec.graph for spec in gm.specialisations] if isinstance(gm, TracedModule) else [gm.graph]
+    used = set()
+    for graph in graphs:
+        for node in graph.nodes:
+            if node.op in ("call_module", "get_attr"):
+                parts = node.target.split(".")
+                parts = parts if node.op == "call_module" else parts[:-1]
+                used.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return used
+
+
+def _drop_replaced_descendants(gm: Any, used_before: set[str], used_after: set[str]) -> None:
+    """``_drop_replaced_children`` for nested submodules a flattened graph stopped calling (the
+    q/k/v Linears a FusedQKV took over inside a flattened layer)."""
+    for path in sorted(used_before - used_after, key=lambda p: p.count(".")):
+        parent_path, _, name = path.rpartition(".")
+        if not parent_path:
+            continue
+        try:
+            parent = gm.get_submodule(parent_path)
+        except AttributeError:
+            continue  # an ancestor went already
+        child = parent._modules.get(name)
+        if child is not None and _holds_tensors(child):
+            delattr(parent, name)
 
 
 def _refuse_unsafe_skip(gm: TracedModule, spec: Any, called_before: set[str], path: str) -> None:
