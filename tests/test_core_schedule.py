@@ -40,6 +40,16 @@ def test_select_by_glob_regex_and_class_in_module_order():
     assert sch.select("bert.nothing.*") == []
 
 
+def test_select_the_no_split_layers_and_by_class_name_glob():
+    sch = slapo.create_schedule(tiny_models.gpt2())
+    assert [s.path for s in sch.select("no_split:")] == ["transformer.h.0", "transformer.h.1"]
+    assert [s.path for s in sch.select("classname:GPT2*tention")] == ["transformer.h.0.attn", "transformer.h.1.attn"]
+    assert [s.path for s in sch["transformer"].select("no_split:")] == ["transformer.h.0", "transformer.h.1"]
+    assert slapo.create_schedule(nn.Linear(2, 2)).select("no_split:") == []
+    with pytest.raises(slapo.ScheduleError, match="takes nothing after the colon"):
+        sch.select("no_split:h")
+
+
 def test_primitives_are_registered_and_extensible():
     assert {"trace", "find", "replace", "decompose", "fuse", "checkpoint"} <= set(slapo.list_primitives())
 
