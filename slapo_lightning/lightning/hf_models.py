@@ -22,9 +22,12 @@ def hf_classes(auto_class: Any, model_type: str | None, pretrained_path: str | N
                default: tuple[type[PreTrainedModel], type[PretrainedConfig]]) -> tuple[type[PreTrainedModel], type[PretrainedConfig]]:
     """The model and config classes of ``model_type`` (an HF config ``model_type`` such as ``llama``)
     for ``auto_class`` (e.g. ``AutoModelForCausalLM``); a ``pretrained_path``'s own config.json names
-    it instead; ``default`` when neither does."""
+    it instead; ``default`` when neither does, or when there is no ``auto_class`` (a module written
+    for one architecture)."""
     from transformers import CONFIG_MAPPING
 
+    if auto_class is None:
+        return default
     if pretrained_path:
         config_file = Path(os.path.expanduser(pretrained_path)) / "config.json"
         if config_file.is_file():
