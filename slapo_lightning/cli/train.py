@@ -169,7 +169,7 @@ def _remove_fresh_run_dir() -> None:
     except Exception:  # noqa: BLE001 - not under Hydra
         return
     if fresh and Path(fresh).resolve() == output.resolve() and output.is_dir():
-        logging.shutdown()  # Hydra's log file handler holds <run>/train.log open
+        _detach_log_files(output)  # Hydra's <run>/train.log handler would re-create the file on the next record
         shutil.rmtree(output, ignore_errors=True)
         parent = output.parent
         while parent != parent.parent and parent.is_dir() and not any(parent.iterdir()) and parent.name != "":
@@ -177,6 +177,18 @@ def _remove_fresh_run_dir() -> None:
             parent = parent.parent
             if parent == Path.cwd() or parent == Path(".").resolve():
                 break
+
+
+def _detach_log_files(directory: Path) -> None:
+    """Close and remove every logging file handler that writes under ``directory``."""
+    root = directory.resolve()
+    loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(lg, logging.Logger)]
+    for logger in loggers:
+        for handler in list(logger.handlers):
+            if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).resolve().is_relative_to(root):
+                logger.removeHandler(handler)
+                handler.close()
 
 
 _hydra_main = hydra.main(config_path="pkg://slapo_lightning.configs", config_name=CONFIG_NAME, version_base="1.3")(_run)

@@ -17,7 +17,7 @@ from typing import Iterable
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from ..errors import RecipeError
+from ..errors import RecipeError, unknown
 
 TOKENIZER_KINDS = ("byte_bpe", "wordpiece")
 BPE_SPECIALS = {"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
@@ -83,7 +83,7 @@ def train_or_load_tokenizer(
     directory first and renamed into place, so ranks or runs racing on it never read half a file.
     """
     if kind not in TRAINERS:
-        raise RecipeError(f"data.tokenizer_kind={kind!r} is unknown; valid: {', '.join(TOKENIZER_KINDS)}")
+        raise RecipeError(unknown("data.tokenizer_kind", kind, TOKENIZER_KINDS))
     if vocab_size < 300:
         raise RecipeError(f"data.vocab_size={vocab_size} is too small; use at least 300 (byte-level BPE needs 257)")
     root = Path(os.path.expanduser(str(cache_dir))) / "tokenizers"

@@ -14,7 +14,7 @@ from ..errors import RecipeError, unknown
 def preset_config(size: str, sizes: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """The HF config fields of preset ``size``; an unknown size names the valid ones."""
     if size not in sizes:
-        raise RecipeError(f"model.size={size!r} is not a preset; valid: {', '.join(sizes)}")
+        raise RecipeError(unknown("model.size preset", size, sizes))
     return dict(sizes[size])
 
 
