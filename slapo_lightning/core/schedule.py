@@ -100,6 +100,11 @@ class Schedule:
         of the root's example batch (no mask, all-ones mask, padding) that reached it differently."""
         return self._root.examples_for(self.path)
 
+    @property
+    def device_mesh(self) -> Any:
+        """The device mesh the caller gave ``create_schedule`` (None: one process or plain DDP)."""
+        return self._root.device_mesh
+
     def record_example_inputs(self, path: str, calls: list) -> None:
         """Add the distinct calls of ``path`` a trace of its parent saw."""
         recorded = self._root.recorded.setdefault(path, [])
@@ -130,9 +135,10 @@ class Schedule:
 class _Root:
     """State shared by every handle of one tree: the (current) root module and captured inputs."""
 
-    def __init__(self, module: nn.Module, example_inputs: Any = None):
+    def __init__(self, module: nn.Module, example_inputs: Any = None, device_mesh: Any = None):
         self.module = module
         self.example_inputs = example_inputs
+        self.device_mesh = device_mesh
         self.recorded: dict[str, list[CallArgs]] = {}
         self._captured = False
 
@@ -300,13 +306,15 @@ def _selector(selector: Any, root: nn.Module | None = None) -> Callable[[str, nn
     return lambda p, m: _glob_match(parts, p.split("."))
 
 
-def create_schedule(model: nn.Module, example_inputs: Any = None) -> Schedule:
+def create_schedule(model: nn.Module, example_inputs: Any = None, device_mesh: Any = None) -> Schedule:
     """The schedule tree of ``model``.
 
     ``example_inputs`` (tuple or dict of keyword arguments) is an input the model is really called
     with; submodules are traced with what they receive from it. Hugging Face models default to a
-    small unpadded batch of token ids.
+    small unpadded batch of token ids. ``device_mesh`` (a torch ``DeviceMesh`` with named
+    dimensions, e.g. Lightning's ``pl_module.device_mesh``) is what the parallel primitives
+    (``parallelize``, ``shard``, ``fully_shard``) distribute over; without one they do nothing.
     """
     if not isinstance(model, nn.Module):
         raise ScheduleError(f"create_schedule expects an nn.Module, got {type(model).__name__}")
-    return Schedule(_Root(model, example_inputs), "")
+    return Schedule(_Root(model, example_inputs, device_mesh), "")

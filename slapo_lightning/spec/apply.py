@@ -22,16 +22,18 @@ from ..core.snapshot import ModelSnapshot
 from .steps import NoMatch, select_all, step_kind
 
 
-def apply_schedule(model: nn.Module, spec: Any, example_inputs: Any = None) -> Report:
-    """Apply ``spec`` (dict, DictConfig, YAML path or ScheduleSpec) to ``model`` in place.
+def apply_schedule(model: nn.Module, spec: Any, example_inputs: Any = None, device_mesh: Any = None) -> Report:
+    """Apply ``spec`` (dict, DictConfig, YAML path, shipped name or ScheduleSpec) to ``model`` in place.
 
     ``example_inputs`` (dict of keyword arguments or tuple) is a batch like the real ones; traces
-    specialise on it (e.g. on whether an attention mask is present). Returns the ``Report``.
+    specialise on it (e.g. on whether an attention mask is present). ``device_mesh`` is what
+    parallel steps distribute over (Lightning: the strategy's); steps whose mesh dimension is
+    missing or of size 1 are skipped and reported. Returns the ``Report``.
     """
     spec = load_spec(spec)
     if not isinstance(model, nn.Module):
         raise SpecError(f"apply_schedule expects an nn.Module, got {type(model).__name__}")
-    sch = create_schedule(model, example_inputs)
+    sch = create_schedule(model, example_inputs, device_mesh)
     for p in spec.enabled:
         if not p.optional and p.select is not None and not _selected(sch, p):
             raise SpecError(_nothing_selected(sch, p))
@@ -131,6 +133,10 @@ def _run_on_module(sch: Schedule, p: PassSpec) -> ModuleChange | Skipped:
         keep_original_keys(sch.mod, moved_keys(keys, sch.mod))
         return before.change(sch.path, sch.mod, [StepRecord("fn", p.fn, 1)])
     records = []
+    for index, step in enumerate(p.steps, start=1):
+        reason = step_kind(step.kind).not_applicable(sch, dict(step.args))
+        if reason:
+            return Skipped(sch.path, f"step {index} ({step.kind}): {reason}")
     undo = ModelSnapshot(sch.parent.mod if sch.parent is not None else sch.mod) if p.optional else None
     for index, step in enumerate(p.steps, start=1):
         try:

@@ -20,6 +20,7 @@ from ..errors import OpError, ReplaceError, SpecError, TraceError, closest
 from ..core.pattern import Subgraph
 from ..core.edits import apply_everywhere
 from ..core.primitives.fuse import COMPILERS
+from ..core.primitives.parallel import why_not_applicable
 from ..core.primitives.registry import PRIMITIVES
 from ..core.primitives.replace import unique_child_name
 from ..registry import Registry
@@ -48,6 +49,13 @@ class StepKind:
     check: Callable[[dict[str, Any]], list[str]] | None = None
     extra_args: bool = False  # arguments beyond ``params`` go to the op (replace)
     defaults: Callable[[dict[str, Any]], dict[str, Any]] | None = None  # defaults that depend on args
+    mesh_dim: Callable[[dict[str, Any]], str] | None = None  # the device-mesh dimension the step needs
+
+    def not_applicable(self, sch, args: dict[str, Any]) -> str | None:
+        """Why this step does nothing at ``sch`` (its mesh dimension is missing or of size 1)."""
+        if self.mesh_dim is None:
+            return None
+        return why_not_applicable(sch, self.mesh_dim(args))
 
     def normalise(self, args: dict[str, Any]) -> dict[str, Any]:
         """``args`` with every default filled in, so equal calls compare (and fingerprint) equal."""
@@ -398,9 +406,13 @@ def primitive_step(name: str) -> StepKind:
 
     def run(sch, args: dict[str, Any]) -> StepRecord:
         getattr(sch, name)(**args)
-        return StepRecord(name, "", 1)
+        return StepRecord(name, ", ".join(f"{k}={v}" for k, v in args.items() if k != "mesh_dim"), 1)
 
-    return StepKind(name, spec, run)
+    mesh_dim = None
+    if "mesh_dim" in spec:
+        default = spec["mesh_dim"].default
+        mesh_dim = lambda args: args.get("mesh_dim", default)  # noqa: E731
+    return StepKind(name, spec, run, mesh_dim=mesh_dim)
 
 
 def step_kind(name: str) -> StepKind:
