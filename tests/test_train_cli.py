@@ -32,7 +32,7 @@ def test_console_module_reports_without_traceback(tmp_path):
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == EXIT_USER_ERROR
-    assert proc.stderr == "error: unknown recipe 'nope'; valid: bert, gpt2\n"
+    assert proc.stderr == "error: unknown recipe 'nope'; valid: bert, gpt2, llama\n"
 
 
 @pytest.mark.slow
