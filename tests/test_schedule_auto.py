@@ -29,7 +29,7 @@ EXPECTED = {
     "roberta": {QKV, ATTENTION},
     "opt": {QKV, ATTENTION},
     "gpt_neox": {ROPE, ATTENTION},
-    "falcon": {ROPE},                               # Falcon's own attention code
+    "falcon": {ROPE, ATTENTION},                    # q/k/v one query_key_value, a plain GELU MLP
 }
 """Which layer passes find their pattern in every layer of each architecture."""
 LAYER_PASSES = (NORM, QKV, ROPE, ATTENTION, MLP)

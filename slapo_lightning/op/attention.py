@@ -102,6 +102,8 @@ class FlashAttentionOp(nn.Module):
         values = match.values
         if match.tags.get("scale") == "div":
             scale = 1.0 / float(literal(match, "d", "flash_attention"))
+        elif match.tags.get("scale") == "default":
+            scale = None
         else:
             scale = float(literal(match, "scale", "flash_attention"))
         if causal == AUTO:

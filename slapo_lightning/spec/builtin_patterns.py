@@ -97,6 +97,11 @@ def gqa_eager_attention(q, k, v, n_rep, scale):
     return decoder_eager_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), scale)
 
 
+def sdpa_attention_default_scale(q, k, v, attention_mask, dropout_p, is_causal):
+    """An sdpa call leaving the scale to torch (1/sqrt(head_dim); Falcon)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout_p, is_causal=is_causal)
+
+
 def gqa_sdpa_attention(q, k, v, attention_mask, dropout_p, scale, is_causal):
     """HF's sdpa path when torch's kernel reads grouped heads itself (``enable_gqa=True``)."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout_p, scale=scale,
@@ -156,6 +161,7 @@ SDPA_VARIANTS = (
     Variant(gqa_sdpa_attention_repeated, {"scale": "mul"}),
     Variant(gqa_sdpa_attention, {"scale": "mul"}),
     Variant(sdpa_attention, {"scale": "mul"}),
+    Variant(sdpa_attention_default_scale, {"scale": "default"}),
 )
 
 register_pattern("eager_attention", *EAGER_VARIANTS, prepare=drop_returned_attention_probabilities,
