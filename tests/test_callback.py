@@ -266,7 +266,7 @@ def test_sharded_and_unknown_strategies_are_refused():
 
     callback = slapo.ScheduleCallback(fx.BERT_SPEC, print_report=False)
     module = bert_module()
-    with pytest.raises(ScheduleError, match="does not support FSDPStrategy: FSDP shards parameters"):
+    with pytest.raises(ScheduleError, match="does not support FSDPStrategy: Lightning.s FSDPStrategy is FSDP1.*use ModelParallelStrategy"):
         callback.setup(SimpleNamespace(strategy=FSDPStrategy()), module, "fit")
     deepspeed = type("DeepSpeedStrategy", (DDPStrategy,), {})()
     with pytest.raises(ScheduleError, match="does not support DeepSpeedStrategy"):

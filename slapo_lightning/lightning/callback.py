@@ -17,7 +17,7 @@ from typing import Any, Callable
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
@@ -32,12 +32,13 @@ REPORT_FILE = "schedule_report.json"
 APPLIED = "_slapo_applied_schedules"
 VERIFY_MODES = (False, "first_batch")
 REFUSED_STRATEGIES = {
-    "FSDPStrategy": "FSDP shards parameters, which the schedule's parameter-sharing ops and state-dict hooks do not follow",
-    "ModelParallelStrategy": "tensor parallelism rewrites the modules the schedule has replaced",
+    "FSDPStrategy": "Lightning's FSDPStrategy is FSDP1, which wraps modules in FullyShardedDataParallel and flattens "
+                    "their parameters under the schedule; use ModelParallelStrategy (FSDP2 and tensor parallelism on "
+                    "DTensor), where the schedule's fully_shard and parallelize passes apply over its device mesh",
     "DeepSpeedStrategy": "DeepSpeed partitions parameters and owns the optimizer",
-    "XLAFSDPStrategy": "FSDP shards parameters, which the schedule's parameter-sharing ops and state-dict hooks do not follow",
+    "XLAFSDPStrategy": "FSDP on XLA shards parameters, which the schedule's state-dict hooks do not follow",
 }
-SUPPORTED_STRATEGIES = (SingleDeviceStrategy, DDPStrategy)
+SUPPORTED_STRATEGIES = (SingleDeviceStrategy, DDPStrategy, ModelParallelStrategy)
 
 StepFn = Callable[[pl.LightningModule, Any, int], Any]
 
@@ -95,7 +96,9 @@ class ScheduleCallback(Callback):
     # -- applying ----------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         _check_strategy(trainer)
-        if _find(pl_module, self.target) is not None:
+        if isinstance(trainer.strategy, ModelParallelStrategy):
+            self._apply_after_configure_model(trainer, pl_module)  # over the strategy's mesh, before optimizers
+        elif _find(pl_module, self.target) is not None:
             self._apply(trainer, pl_module)
         elif _overrides_configure_model(pl_module):
             self._apply_after_configure_model(trainer, pl_module)
@@ -126,7 +129,8 @@ class ScheduleCallback(Callback):
             return
         if self.verify and not self._verified:
             self._original = copy.deepcopy(model)
-        self.report = apply_schedule(model, self.spec, self._examples(pl_module))
+        mesh = trainer.strategy.device_mesh if isinstance(trainer.strategy, ModelParallelStrategy) else None
+        self.report = apply_schedule(model, self.spec, self._examples(pl_module), device_mesh=mesh)
         setattr(model, APPLIED, (*applied, self.fingerprint))
         self._publish(trainer)
 
@@ -270,7 +274,7 @@ def _check_strategy(trainer: pl.Trainer) -> None:
     for cls in type(strategy).__mro__:
         if cls.__name__ in REFUSED_STRATEGIES:
             raise ScheduleError(f"ScheduleCallback does not support {type(strategy).__name__}: "
-                                f"{REFUSED_STRATEGIES[cls.__name__]}; use a single device or strategy='ddp'")
+                                f"{REFUSED_STRATEGIES[cls.__name__]}")
     if not isinstance(strategy, SUPPORTED_STRATEGIES):
         raise ScheduleError(f"ScheduleCallback does not support {type(strategy).__name__}; supported: "
                             f"{', '.join(c.__name__ for c in SUPPORTED_STRATEGIES)} (and their subclasses)")
