@@ -77,11 +77,12 @@ class CausalLM(Classifier):
         return loss
 
 
-def train(module: pl.LightningModule, callbacks: list) -> list[float]:
+def train(module: pl.LightningModule, callbacks: list, root) -> list[float]:
     data = [(seq, i % 3) for i, seq in enumerate(sequences())]
     loader = DataLoader(data, batch_size=2, shuffle=False, collate_fn=pad_collate)
     trainer = pl.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+                         default_root_dir=root)
     trainer.fit(module, loader)
     return module.losses
 
@@ -95,11 +96,11 @@ def test_the_collator_makes_every_kind_of_batch():
 
 @pytest.mark.parametrize("module_cls,schedule", [(Classifier, "bert.yaml"), (CausalLM, "gpt2.yaml")],
                          ids=["bert-classifier", "gpt2-causal-lm"])
-def test_shipped_schedule_trains_exactly_like_the_original_with_a_padding_collator(module_cls, schedule):
-    expected = train(module_cls(), [])
+def test_shipped_schedule_trains_exactly_like_the_original_with_a_padding_collator(module_cls, schedule, tmp_path):
+    expected = train(module_cls(), [], tmp_path)
     scheduled = module_cls()
     callback = slapo.ScheduleCallback(f"{SCHEDULES}/{schedule}", print_report=False)
-    got = train(scheduled, [callback])
+    got = train(scheduled, [callback], tmp_path)
     assert len(got) == len(expected) == 12
     torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-5, atol=1e-6)
     traced = [m for m in scheduled.model.modules() if isinstance(m, TracedModule)]

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .distributed import refuse_distributed
 from ..errors import OpError
 from .amp import autocast_inputs, autocast_off
 from .compiled import compiled_on_cuda
@@ -160,6 +161,7 @@ class GatedMLP(nn.Module):
 
     @classmethod
     def _wrap(cls, projections: dict[str, nn.Module], activation, training: bool) -> "GatedMLP":
+        refuse_distributed("gated_mlp", projections.values())
         for name, linear in projections.items():
             if not isinstance(linear, nn.Linear):
                 raise OpError(f"GatedMLP: {name} must be an nn.Linear, got {type(linear).__name__}")

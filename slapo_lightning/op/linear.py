@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .distributed import refuse_distributed
 from ..errors import OpError
 from .matching import whole_module
 from .registry import register_op
@@ -22,6 +23,7 @@ class LinearWithSeparateBias(nn.Linear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "LinearWithSeparateBias":
+        refuse_distributed("decompose", [linear])
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.in_features = linear.in_features

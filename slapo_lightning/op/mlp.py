@@ -14,6 +14,7 @@ from torch import nn
 
 from .amp import autocast_inputs, autocast_off
 from .dropout import fast_dropout
+from .distributed import refuse_distributed
 from ..errors import OpError
 from .fused import check_gelu_approximate, gelu_approximate_for
 from .matching import path_of, whole_module
@@ -119,6 +120,7 @@ class FusedMLP(nn.Module):
     @classmethod
     def from_gpt2(cls, mlp: nn.Module) -> "FusedMLP":
         """From ``GPT2MLP``: reuses ``c_fc`` and ``c_proj`` (Conv1D) and takes its dropout probability."""
+        refuse_distributed("fused_mlp", [mlp.c_fc, mlp.c_proj])
         from transformers.pytorch_utils import Conv1D
 
         if not isinstance(mlp.c_fc, Conv1D) or not isinstance(mlp.c_proj, Conv1D):

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from .amp import autocast_inputs, autocast_off
+from .distributed import refuse_distributed
 from ..errors import OpError
 from .registry import register_op
 
@@ -112,6 +113,7 @@ class FusedQKV(nn.Module):
         ``head_dim`` is ``q.out_features / n_heads`` and the key/value head count
         ``k.out_features / head_dim``; k and v must have the same width.
         """
+        refuse_distributed("fused_qkv", [q, k, v])
         linears = dict(zip(PROJECTIONS, (q, k, v)))
         shapes = {name: tuple(lin.weight.shape) for name, lin in linears.items()}
         hidden = q.in_features

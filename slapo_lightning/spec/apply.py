@@ -18,6 +18,7 @@ from ..core.schedule import Schedule, create_schedule
 from ..core.state_keys import keep_original_keys, moved_keys, tensor_keys
 from .schema import PassSpec, load_spec
 from ..core.edits import VariantError, variant_policy
+from ..core.primitives.parallel import mesh_dimension
 from ..core.snapshot import ModelSnapshot
 from .steps import NoMatch, select_all, step_kind
 
@@ -71,6 +72,12 @@ def _nothing_selected(sch: Schedule, p: PassSpec) -> str:
 def _run_pass(sch: Schedule, p: PassSpec) -> PassReport:
     start = time.perf_counter()
     report = PassReport(p.name, "applied", _sel(p), p.fn)
+    parallel = [d for d in p.unless_parallel if mesh_dimension(sch, d) is not None]
+    if parallel:
+        report.status = "skipped"
+        report.skipped.append(Skipped("", f"the device mesh shards {', '.join(parallel)}; this pass's ops take "
+                                          f"whole weights, so the original code runs (unless_parallel)"))
+        return report
     targets = _selected(sch, p)
     if not targets:
         if not p.optional:

@@ -28,7 +28,7 @@ from ..errors import RegistryError, SpecError, unknown
 from ..registry import import_object
 from .steps import step_kind
 
-PASS_KEYS = ("enabled", "optional", "select", "steps", "fn", "description")
+PASS_KEYS = ("enabled", "optional", "select", "steps", "fn", "description", "unless_parallel")
 TOP_KEYS = ("passes",)
 PARAM_REF = re.compile(r"^\$([A-Za-z_]\w*)$")
 
@@ -52,11 +52,14 @@ class PassSpec:
     fn: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    unless_parallel: tuple[str, ...] = ()  # device-mesh dimensions under which the pass is skipped
 
     def as_dict(self) -> dict[str, Any]:
         """The normalised pass (defaults filled in, parameters substituted)."""
         out: dict[str, Any] = {"name": self.name, "optional": self.optional,
                                "select": list(self.select) if self.select is not None else None}
+        if self.unless_parallel:
+            out["unless_parallel"] = list(self.unless_parallel)
         if self.fn is not None:
             out["fn"] = self.fn
             out["params"] = dict(sorted(self.params.items()))
@@ -193,6 +196,11 @@ def _parse_pass(name: str, body: Any, problems: _Problems) -> PassSpec | None:
         if not isinstance(value, bool):
             problems.add(where, f"{key!r} must be true or false, got {value!r}")
     select = _parse_select(body.get("select"), where, problems)
+    unless = body.get("unless_parallel") or ()
+    unless = (unless,) if isinstance(unless, str) else tuple(unless)
+    if not all(isinstance(d, str) and d for d in unless):
+        problems.add(where, f"'unless_parallel' must name device-mesh dimensions (e.g. tensor_parallel), got "
+                            f"{body.get('unless_parallel')!r}")
     params = {k: v for k, v in body.items() if k not in PASS_KEYS}
     has_steps, has_fn = "steps" in body, body.get("fn") is not None
     if has_steps == has_fn:
@@ -201,14 +209,14 @@ def _parse_pass(name: str, body: Any, problems: _Problems) -> PassSpec | None:
     if has_fn:
         _check_fn(body["fn"], params, where, problems)
         return PassSpec(name, enabled is True, optional is True, select, (), body["fn"], params,
-                        str(body.get("description") or ""))
+                        str(body.get("description") or ""), unless)
     used: set[str] = set()
     steps = _parse_steps(body["steps"], params, used, where, problems)
     for key in params:
         if key not in used:
             problems.add(where, unknown("key", key, list(PASS_KEYS) + sorted(used)))
     return PassSpec(name, enabled is True, optional is True, select, tuple(steps), None, params,
-                    str(body.get("description") or ""))
+                    str(body.get("description") or ""), unless)
 
 
 def _parse_select(select: Any, where: str, problems: _Problems) -> tuple[str, ...] | None:

@@ -95,6 +95,13 @@ def parallelize(sch, plan: dict[str, str], mesh_dim: str = TENSOR_PARALLEL) -> b
 
 def _check_shardable(sch, style: str) -> None:
     module = sch.mod
+    holder = sch.parent
+    while holder is not None:
+        if getattr(type(holder.mod), "traced_as_leaf", False):
+            raise ScheduleError(f"parallelize: {sch.path} lives inside the op {type(holder.mod).__name__} at "
+                                f"{holder.path}, which reads its weights directly; schedule tensor parallelism "
+                                f"before that op's pass, or mark the pass unless_parallel: tensor_parallel")
+        holder = holder.parent
     if style == "sequence":
         return
     if not isinstance(module, SHARDABLE) or type(module) not in (nn.Linear, nn.Embedding):
