@@ -1,0 +1,114 @@
+"""The shipped BERT and GPT-2 schedules under a device mesh (2 gloo processes): one file for
+every strategy. Tensor parallelism and FSDP2 passes apply where the mesh has those dimensions,
+the passes whose ops need whole weights are skipped there, and training equals one unscheduled
+process; without a mesh the parallel passes are skipped and the rest applies as before."""
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+SCHEDULES = HERE.parent / "slapo_lightning" / "configs" / "schedule"
+STEPS = 2
+
+
+def model(name: str):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if name == "bert":
+        return tf.BertForMaskedLM(tf.BertConfig(vocab_size=101, hidden_size=32, num_hidden_layers=2,
+                                                num_attention_heads=4, intermediate_size=64, hidden_dropout_prob=0.0,
+                                                attention_probs_dropout_prob=0.0, attn_implementation="sdpa"))
+    return tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=101, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                            attn_implementation="sdpa"))
+
+
+def batch(rank: int) -> dict:
+    generator = torch.Generator().manual_seed(20 + rank)
+    ids = torch.randint(0, 101, (2, 10), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def train(m, batches: list[dict]) -> list[float]:
+    optimizer = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    losses = []
+    for _ in range(STEPS):
+        loss = sum(m(**b).loss for b in batches) / len(batches)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def worker(name: str, dp: int, tp: int, out: Path) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    import slapo_lightning as slapo
+
+    dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("data_parallel", "tensor_parallel"))
+    m = model(name)
+    report = slapo.apply_schedule(m, str(SCHEDULES / f"{name}.yaml"), device_mesh=mesh)
+    losses = train(m, [batch(mesh["data_parallel"].get_local_rank())])
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, losses)
+    state = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone() for k, v in m.state_dict().items()}
+    if dist.get_rank() == 0:
+        torch.save({"losses": gathered, "state": state, "applied": report.applied}, out)
+    dist.destroy_process_group()
+
+
+def launch(name: str, dp: int, tp: int, out: Path) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(dp * tp),
+                           "--master_port", str(31500 + os.getpid() % 2000), __file__, name, str(dp), str(tp),
+                           str(out)], capture_output=True, text=True, timeout=400, env=env)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return torch.load(out, weights_only=False)
+
+
+CASES = [("bert", 1, 2), ("bert", 2, 1), ("gpt2", 2, 1)]
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("name,dp,tp", CASES, ids=[f"{n}-dp{d}-tp{t}" for n, d, t in CASES])
+def test_shipped_schedule_under_a_mesh_trains_like_one_process(name, dp, tp, tmp_path):
+    result = launch(name, dp, tp, tmp_path / "out.pt")
+    reference = model(name)
+    expected = train(reference, [batch(r) for r in range(dp)])
+    per_rank = torch.tensor(result["losses"]).reshape(dp, tp, -1)[:, 0]
+    torch.testing.assert_close(per_rank.mean(0), torch.tensor(expected), rtol=1e-5, atol=1e-6)
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(result["state"][key], value, rtol=1e-4, atol=1e-6, msg=lambda m: f"{key}: {m}")
+    if tp > 1:
+        assert "tensor_parallel" in result["applied"] and "fused_qkv" not in result["applied"]
+        assert "flash_attention" in result["applied"], "attention on local heads"
+    else:
+        assert {"fsdp_layers", "fsdp_root"} <= set(result["applied"])
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_without_a_mesh_the_shipped_parallel_passes_are_skipped(name):
+    import slapo_lightning as slapo
+
+    report = slapo.apply_schedule(model(name), str(SCHEDULES / f"{name}.yaml"))
+    parallel = [p for p in report.passes if p.name in ("tensor_parallel", "fsdp_layers", "fsdp_root")]
+    assert parallel and all(p.status == "skipped" and "no device mesh" in p.skipped[0].reason for p in parallel)
+    assert "flash_attention" in report.applied
+
+
+if __name__ == "__main__" and len(sys.argv) == 5:
+    worker(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]))
