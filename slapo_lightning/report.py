@@ -162,8 +162,11 @@ class Report:
                 groups.setdefault(key, []).append(c.path)
             for (classes, steps, params), paths in groups.items():
                 rows.append((p.name, _merged(paths), classes, steps, params))
+            reasons: dict[str, list[str]] = {}
             for s in p.skipped:
-                rows.append((p.name, s.path or "(all)", "", f"skipped: {s.reason}", ""))
+                reasons.setdefault(s.reason, []).append(s.path)
+            for reason, paths in reasons.items():
+                rows.append((p.name, _merged(paths) if all(paths) else "(all)", "", f"skipped: {reason}", ""))
         return rows
 
     def table(self):

@@ -129,8 +129,10 @@ def test_report_lists_changes_and_round_trips_through_json(tmp_path):
     skipped = report["fused_cross_entropy"]
     assert skipped.status == "skipped" and report["checkpoint"].status == "disabled"
     rows = report.rows()
-    assert ("fused_qkv", "bert.encoder.layer.*.attention.self (x2)") == rows[0][:2]
-    assert rows[-1] == ("checkpoint", "", "", "disabled", "")
+    assert ("tensor_parallel", "bert.encoder.layer.* (x2)") == rows[0][:2] and "no device mesh" in rows[0][3]
+    assert ("fused_qkv", "bert.encoder.layer.*.attention.self (x2)") == rows[1][:2]
+    assert ("checkpoint", "", "", "disabled", "") in rows
+    assert rows[-1][0] == "fsdp_root" and "no device mesh" in rows[-1][3]
     assert "fused_qkv" in report.render(width=200) and "FusedQKV" in report.render(width=200)
     path = report.save(tmp_path / "r" / "schedule_report.json")
     assert Report.load(path) == report and json.loads(path.read_text())["fingerprint"] == report.fingerprint
