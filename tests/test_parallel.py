@@ -91,10 +91,47 @@ def worker(dp: int, tp: int, out: Path) -> None:
     dist.destroy_process_group()
 
 
-def launch(dp: int, tp: int, out: Path, timeout: int = 300) -> dict:
+def slapo_style_worker(out: Path) -> None:
+    """Slapo's tutorial API on a tensor-parallel mesh: shard weights by axis, check the syncs."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import slapo_lightning as slapo
+
+    dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tensor_parallel",))
+    model = llama()
+    sch = slapo.create_schedule(model, device_mesh=mesh)
+    errors = []
+    for layer in sch.select(LAYERS):
+        for name in ("q_proj", "k_proj", "v_proj"):
+            layer[f"self_attn.{name}"].shard("weight", axis=0)
+            layer[f"self_attn.{name}"].sync(mode="bwd_post")
+        layer["self_attn.o_proj"].shard("weight", axis=1)
+        layer["self_attn.o_proj"].sync(mode="fwd_post")
+        for name in ("gate_proj", "up_proj"):
+            layer[f"mlp.{name}"].shard("weight", axis=0)
+        layer["mlp.down_proj"].shard("weight", axis=1)
+        layer["mlp.down_proj"].sync(mode="fwd_post")
+    for wrong in (lambda: sch["model.layers.0.mlp.gate_proj"].sync(mode="fwd_post"),
+                  lambda: sch["model.layers.0.mlp.down_proj"].shard("weight", axis=0),
+                  lambda: sch["model.layers.0.input_layernorm"].shard("weight", axis=0)):
+        try:
+            wrong()
+        except slapo.ScheduleError as exc:
+            errors.append(str(exc))
+    losses = train(model, [batch(0)])
+    state = full_state(model)
+    if dist.get_rank() == 0:
+        torch.save({"losses": [losses], "state": state, "keys": list(state), "keys_before": list(state),
+                    "errors": errors}, out)
+    dist.destroy_process_group()
+
+
+def launch(dp: int, tp: int, out: Path, timeout: int = 300, mode: str = "spec") -> dict:
     env = {**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(dp * tp),
-                           "--master_port", str(29500 + (os.getpid() % 2000)), __file__, "--worker", str(dp), str(tp),
+                           "--master_port", str(29500 + (os.getpid() % 2000)), __file__, f"--{mode}", str(dp), str(tp),
                            str(out)], capture_output=True, text=True, timeout=timeout, env=env)
     assert done.returncode == 0, done.stderr[-4000:]
     return torch.load(out, weights_only=False)
@@ -152,5 +189,17 @@ def test_without_a_mesh_every_parallel_pass_is_skipped_and_reported():
     assert "no device mesh" in report["tensor_parallel"].skipped[0].reason
 
 
-if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "--worker":
+@pytest.mark.timeout(600)
+def test_slapo_shard_and_sync_train_like_one_process_and_refuse_what_does_not_fit(tmp_path):
+    result = launch(1, 2, tmp_path / "slapo.pt", mode="slapo")
+    assert_same_run(result, dp=1)
+    wrong_sync, reshard, not_linear = result["errors"]
+    assert "sync(mode='fwd_post') at model.layers.0.mlp.gate_proj needs a rowwise sharded Linear" in wrong_sync
+    assert "model.layers.0.mlp.down_proj is already sharded rowwise" in reshard
+    assert "model.layers.0.input_layernorm is a LlamaRMSNorm; shard() splits nn.Linear parameters" in not_linear
+
+
+if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "--spec":
     worker(int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]))
+elif __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "--slapo":
+    slapo_style_worker(Path(sys.argv[4]))
