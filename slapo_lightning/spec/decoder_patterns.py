@@ -63,10 +63,10 @@ def _gated_variant(activation: str, chunked: bool, act_first: bool) -> Variant:
     def gated_mlp(x):
         if chunked:
             gate, up = _linear(x).chunk(2, dim=-1)
+            gated = act(gate)
         else:
-            gate, up = _linear(x), None
-        gated = act(gate)
-        up = up if chunked else _linear(x)
+            gated = act(_linear(x))
+            up = _linear(x)
         return _linear(gated * up if act_first else up * gated)
 
     gated_mlp.__name__ = f"gated_mlp_{activation}{'_chunked' if chunked else ''}{'' if act_first else '_up_first'}"
