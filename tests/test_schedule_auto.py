@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import slapo_lightning as slapo
+from slapo_lightning.spec.schema import SHIPPED_SPECS as SHIPPED
 
 import decoder_models as dm
 
@@ -129,3 +130,11 @@ def test_moe_block_is_left_as_it_is():
     traces = [s for p in report.passes if p.name == NORM for c in p.changes for s in c.steps if s.step == "trace"]
     assert traces and all("mlp kept as a leaf" in s.detail for s in traces)
     assert all(type(m).__name__ == "MixtralSparseMoeBlock" for p, m in model.named_modules() if p.endswith(".mlp"))
+
+
+def test_auto_resolves_by_name_for_the_callback_and_apply_schedule():
+    from slapo_lightning.spec import load_spec
+
+    callback = slapo.ScheduleCallback("auto")
+    assert [p.name for p in callback.spec.passes] == [p.name for p in load_spec(str(SHIPPED / "auto.yaml")).passes]
+    assert callback.fingerprint == load_spec(str(SHIPPED / "auto.yaml")).fingerprint()
