@@ -63,3 +63,14 @@ def test_finetune_quick_writes_its_results(tmp_path):
                for r in results.values())
     dispatch = results["schedule"]["dispatch"]
     assert dispatch["specialisations"]["BertSelfAttention"] == 2 and dispatch["dispatch_us"] > 0
+
+
+@pytest.mark.timeout(900)
+def test_parallel_memory_quick_halves_the_state_per_rank(tmp_path):
+    run_benchmark("parallel_memory.py", tmp_path)
+    results = json.loads((tmp_path / "parallel_memory_quick.json").read_text())["results"]
+    total = lambda r: r["params"] + r["grads"] + r["optimizer"]  # noqa: E731
+    one = total(results["one process"][0])
+    for layout in ("FSDP", "TP"):
+        assert len(results[layout]) == 2
+        assert 0.45 < total(results[layout][0]) / one < 0.6, layout

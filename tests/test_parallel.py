@@ -24,6 +24,8 @@ TP_PLAN = {"self_attn.q_proj": "colwise", "self_attn.k_proj": "colwise", "self_a
            "mlp.down_proj": "rowwise"}
 SPEC = {"passes": {
     "tensor_parallel": {"select": LAYERS, "steps": [{"parallelize": {"plan": TP_PLAN}}]},
+    "tensor_parallel_vocab": {"steps": [{"parallelize": {"plan": {"model.embed_tokens": "vocab_embedding",
+                                                                  "lm_head": "colwise_gathered"}}}]},
     "fsdp_layers": {"select": LAYERS, "steps": [{"fully_shard": {}}]},
     "fsdp_root": {"steps": [{"fully_shard": {}}]},
 }}
@@ -159,7 +161,8 @@ def assert_same_run(result: dict, dp: int) -> None:
 @pytest.mark.timeout(600)
 def test_tensor_parallel_2_trains_like_one_process(tmp_path):
     result = launch(1, 2, tmp_path / "tp.pt")
-    assert result["status"] == {"tensor_parallel": "applied", "fsdp_layers": "skipped", "fsdp_root": "skipped"}
+    assert result["status"] == {"tensor_parallel": "applied", "tensor_parallel_vocab": "applied",
+                                "fsdp_layers": "skipped", "fsdp_root": "skipped"}
     assert "no 'data_parallel' dimension larger than 1" in result["skipped"]["fsdp_root"][0]
     assert_same_run(result, dp=1)
 
@@ -167,7 +170,8 @@ def test_tensor_parallel_2_trains_like_one_process(tmp_path):
 @pytest.mark.timeout(600)
 def test_fsdp_2_trains_like_one_process_on_both_batches(tmp_path):
     result = launch(2, 1, tmp_path / "fsdp.pt")
-    assert result["status"] == {"tensor_parallel": "skipped", "fsdp_layers": "applied", "fsdp_root": "applied"}
+    assert result["status"] == {"tensor_parallel": "skipped", "tensor_parallel_vocab": "skipped",
+                                "fsdp_layers": "applied", "fsdp_root": "applied"}
     assert_same_run(result, dp=2)
 
 

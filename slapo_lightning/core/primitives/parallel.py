@@ -34,6 +34,7 @@ def _styles():
         "colwise_from_sequence": lambda: ColwiseParallel(input_layouts=Shard(1)),
         "rowwise_to_sequence": lambda: RowwiseParallel(output_layouts=Shard(1)),
         "colwise_gathered": lambda: ColwiseParallel(output_layouts=Replicate()),
+        "vocab_embedding": lambda: RowwiseParallel(input_layouts=Replicate()),
     }
 
 
