@@ -80,6 +80,13 @@ def gpt2_config(layers: int, hidden: int, seq: int) -> dict[str, Any]:
     return {"n_layer": layers, "n_embd": hidden, "n_head": hidden // 64, "n_positions": seq}
 
 
+def llama_config(layers: int, hidden: int, seq: int, heads: int, kv_heads: int) -> dict[str, Any]:
+    """Llama's shape: intermediate about 8/3 of hidden (a multiple of 8), grouped k/v heads."""
+    return {"num_hidden_layers": layers, "hidden_size": hidden, "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads, "intermediate_size": (8 * hidden // 3 + 7) // 8 * 8,
+            "max_position_embeddings": seq}
+
+
 def bert_config(layers: int, hidden: int, seq: int) -> dict[str, Any]:
     return {"num_hidden_layers": layers, "hidden_size": hidden, "num_attention_heads": hidden // 64,
             "intermediate_size": 4 * hidden, "max_position_embeddings": seq}
@@ -89,14 +96,17 @@ PRESETS: dict[str, dict[str, Workload]] = {
     "quick": {
         "gpt2": Workload("gpt2", gpt2_config(2, 128, 128), 50257, 128, 2),
         "bert": Workload("bert", bert_config(2, 128, 128), 30522, 128, 2),
+        "llama": Workload("llama", llama_config(2, 128, 128, 4, 2), 32000, 128, 2),
     },
     "cpu": {
         "gpt2": Workload("gpt2", gpt2_config(4, 512, 1024), 50257, 1024, 2),
         "bert": Workload("bert", bert_config(4, 512, 512), 30522, 512, 4),
+        "llama": Workload("llama", llama_config(4, 512, 1024, 8, 2), 32000, 1024, 2),
     },
     "gpu": {
         "gpt2": Workload("gpt2", gpt2_config(24, 1024, 1024), 50257, 1024, 8),
         "bert": Workload("bert", bert_config(24, 1024, 512), 30522, 512, 16),
+        "llama": Workload("llama", llama_config(16, 2048, 2048, 32, 8), 32000, 2048, 4),
     },
 }
 """``cpu``: small-but-real widths that finish in minutes on 2 cores, GPT-2's full vocabulary (the
@@ -137,10 +147,10 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
 
 
 def schedule_spec(recipe: str, passes: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The shipped spec of ``recipe`` (``configs/schedule/<recipe>.yaml``), pass fields overridden."""
+    """The shipped spec of ``recipe`` (``configs/schedule/<its schedule>.yaml``), pass fields overridden."""
     import yaml
 
-    spec = yaml.safe_load((SCHEDULES / f"{recipe}.yaml").read_text())
+    spec = yaml.safe_load((SCHEDULES / f"{RECIPES[recipe].schedule}.yaml").read_text())
     for name, fields in passes.items():
         spec["passes"][name].update(fields)
     return spec
@@ -175,13 +185,17 @@ class Recipe:
     blocks: Callable[[Any], torch.nn.ModuleList]
     body_extra: Callable[[Any], torch.nn.Module | None]
     head_extra: Callable[[Any], torch.nn.Module | None]
+    schedule: str
+    model_type: str | None = None
 
 
 RECIPES = {
     "gpt2": Recipe("CausalLMModule", True, lambda model: model.transformer.h, lambda model: model.transformer.ln_f,
-                   lambda model: None),
+                   lambda model: None, "gpt2"),
     "bert": Recipe("MaskedLMModule", False, lambda model: model.bert.encoder.layer, lambda model: None,
-                   lambda model: model.cls.predictions.transform),
+                   lambda model: model.cls.predictions.transform, "bert"),
+    "llama": Recipe("CausalLMModule", True, lambda model: model.model.layers, lambda model: model.model.norm,
+                    lambda model: None, "auto", "llama"),
 }
 
 
@@ -194,8 +208,10 @@ def module_class(recipe: str):
 def build_module(workload: Workload, attn: str, device: str):
     """The recipe's LightningModule, seeded so that every variant starts from the same weights."""
     torch.manual_seed(0)
+    model_type = RECIPES[workload.recipe].model_type
     module = module_class(workload.recipe)(
-        size="bench", sizes={"bench": workload.config}, vocab_size=workload.vocab_size, attn_implementation=attn
+        size="bench", sizes={"bench": workload.config}, vocab_size=workload.vocab_size, attn_implementation=attn,
+        **({"model_type": model_type} if model_type else {}),
     )
     return module.to(device).train()
 
