@@ -138,3 +138,15 @@ def test_auto_resolves_by_name_for_the_callback_and_apply_schedule():
     callback = slapo.ScheduleCallback("auto")
     assert [p.name for p in callback.spec.passes] == [p.name for p in load_spec(str(SHIPPED / "auto.yaml")).passes]
     assert callback.fingerprint == load_spec(str(SHIPPED / "auto.yaml")).fingerprint()
+
+
+def test_grouped_key_values_are_never_repeated_in_any_variant():
+    """Eager attention's repeat_kv and sdpa's (with a padding mask; a guard of HF's reads the
+    repeated k's length) both go: the op reads the grouped heads."""
+    for impl in ("eager", "sdpa"):
+        model = dm.build("mistral", impl)
+        slapo.apply_schedule(model, "auto", example_inputs=dm.batch(padded=True))
+        for layer in model.model.layers:
+            assert len(layer.specialisations) == (2 if impl == "sdpa" else 1)  # eager always builds a mask
+            for spec in layer.specialisations:
+                assert not [n for n in spec.graph.nodes if n.target == "expand"], (impl, spec.label)

@@ -4,6 +4,7 @@ decoders' norms, MLPs and rotary embeddings are in ``decoder_patterns``."""
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 import torch.fx as fx
@@ -146,6 +147,34 @@ def drop_returned_attention_probabilities(gm: fx.GraphModule):
     return undo
 
 
+SHAPE_DIMS_KEPT_BY_REPEAT_KV = (0, 2, 3, -1, -2, -4)
+"""``repeat_kv`` multiplies the heads (dim 1); batch, sequence and head dim are its input's."""
+
+
+def read_shapes_before_repeat_kv(gm: fx.GraphModule) -> None:
+    """HF's sdpa path reads the sequence length of the repeated k (``key.shape[2]``, to decide
+    causality) in a guard; that read would keep the repeated k alive outside a grouped-query
+    match. It reads the same number off the grouped k, so the guard is pointed there."""
+    from ..core.pattern import find_subgraphs
+
+    changed = False
+    for sg in find_subgraphs(gm, "", repeat_kv):
+        repeated, grouped = sg.outputs[0], sg.inputs[0]
+        for shape in [u for u in repeated.users if u.target is getattr and u.args[1:] == ("shape",)]:
+            for item in [u for u in shape.users if u.target is operator.getitem]:
+                if item.args[1] not in SHAPE_DIMS_KEPT_BY_REPEAT_KV:
+                    continue
+                with gm.graph.inserting_before(item):
+                    own = gm.graph.call_function(getattr, (grouped, "shape"))
+                    item.replace_all_uses_with(gm.graph.call_function(operator.getitem, (own, item.args[1])))
+                gm.graph.erase_node(item)
+                changed = True
+            if not shape.users:
+                gm.graph.erase_node(shape)
+    if changed:
+        gm.recompile()
+
+
 EAGER_VARIANTS = (
     Variant(gqa_eager_attention_masked, {"scale": "mul"}),
     Variant(gqa_eager_attention, {"scale": "mul"}),
@@ -168,8 +197,9 @@ register_pattern("eager_attention", *EAGER_VARIANTS, prepare=drop_returned_atten
                  doc="HF eager attention core matmul -> (*scale) -> (+mask) -> softmax -> dropout -> matmul "
                      "(BERT, GPT-2 and decoder forms, grouped-query k/v repeated or not, and the tutorial's "
                      "/ sqrt(d)).")
-register_pattern("sdpa_attention", *SDPA_VARIANTS)
-register_pattern("attention", *EAGER_VARIANTS, *SDPA_VARIANTS, prepare=drop_returned_attention_probabilities,
+register_pattern("sdpa_attention", *SDPA_VARIANTS, normalise=read_shapes_before_repeat_kv)
+register_pattern("attention", *EAGER_VARIANTS, *SDPA_VARIANTS, normalise=read_shapes_before_repeat_kv,
+                 prepare=drop_returned_attention_probabilities,
                  doc="The attention core in either form: eager_attention or sdpa_attention "
                      "(so one spec serves both attn_implementation settings).")
 

@@ -37,6 +37,7 @@ class PatternSpec:
     group: bool = False
     count: int | None = None
     by_input: bool = False
+    normalise: Callable[[fx.GraphModule], None] | None = None
     prepare: Callable[[fx.GraphModule], Undo | None] | None = None
     doc: str = ""
 
@@ -53,16 +54,19 @@ PATTERNS: Registry = Registry("pattern")
 
 
 def register_pattern(name: str, *variants: Callable | Variant, group: bool = False, count: int | None = None,
-                     by_input: bool = False, prepare: Callable | None = None, doc: str = "",
-                     overwrite: bool = False) -> PatternSpec:
+                     by_input: bool = False, normalise: Callable | None = None, prepare: Callable | None = None,
+                     doc: str = "", overwrite: bool = False) -> PatternSpec:
     """Register pattern functions (or node predicates) under ``name`` for specs to use.
+
+    ``normalise(gm)`` rewrites the graph into an equivalent one before every search (e.g. shape
+    reads moved off a value the match would remove); ``prepare`` see ``for_each_match``.
 
     ``group``: the matches are replaced together; with ``by_input`` only matches that share their
     inputs form a group, and only groups of ``count`` are used (q/k/v among other Linears)."""
     if not variants:
         raise PatternError(f"pattern {name!r} needs at least one pattern function")
     spec = PatternSpec(name, tuple(v if isinstance(v, Variant) else Variant(v) for v in variants),
-                       group=group, count=count, by_input=by_input, prepare=prepare, doc=doc or (inspect.getdoc(variants[0]) or ""))
+                       group=group, count=count, by_input=by_input, normalise=normalise, prepare=prepare, doc=doc or (inspect.getdoc(variants[0]) or ""))
     PATTERNS.register(name, spec, overwrite=overwrite)
     return spec
 
@@ -118,6 +122,8 @@ def for_each_match(sch, pattern: PatternSpec, action: Callable[[Group], Any]) ->
     undone when nothing matches with it either."""
     if not isinstance(sch.mod, fx.GraphModule):
         sch.trace()
+    if pattern.normalise is not None:
+        pattern.normalise(sch.mod)
     done = _each(sch, pattern, action)
     if done or pattern.prepare is None:
         return done
