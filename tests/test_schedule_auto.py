@@ -15,6 +15,7 @@ from slapo_lightning.spec.schema import SHIPPED_SPECS as SHIPPED
 import decoder_models as dm
 
 NORM, QKV, ROPE, ATTENTION, MLP = "rms_norm", "fused_qkv", "rope", "flash_attention", "gated_mlp"
+GELU_MLP = "fused_mlp"
 EXPECTED = {
     "llama": {NORM, QKV, ROPE, ATTENTION, MLP},
     "mistral": {NORM, QKV, ROPE, ATTENTION, MLP},
@@ -25,16 +26,17 @@ EXPECTED = {
     "gemma2": {NORM, QKV, ROPE, MLP},               # soft-capped attention logits: no kernel reproduces them
     "olmo2": {NORM, QKV, ROPE, ATTENTION, MLP},
     "mixtral": {NORM, QKV, ROPE, ATTENTION},        # the sparse MoE block stays as it is
-    "gpt2": {ATTENTION},
-    "bert": {QKV, ATTENTION},
-    "roberta": {QKV, ATTENTION},
-    "opt": {QKV, ATTENTION},
-    "gpt_neox": {ROPE, ATTENTION},
+    "gpt2": {ATTENTION},                            # Conv1D projections, gelu_new written out
+    "bert": {QKV, ATTENTION, GELU_MLP},
+    "roberta": {QKV, ATTENTION, GELU_MLP},
+    "opt": {QKV, ATTENTION},                        # a ReLU MLP
+    "gpt_neox": {ROPE, ATTENTION, GELU_MLP},
     "falcon": {ROPE, ATTENTION},                    # q/k/v one query_key_value, a plain GELU MLP
 }
 """Which layer passes find their pattern in every layer of each architecture."""
-LAYER_PASSES = (NORM, QKV, ROPE, ATTENTION, MLP)
-OPS = {NORM: "RMSNorm", QKV: "FusedQKV", ROPE: "FusedRoPE", ATTENTION: "FlashAttentionOp", MLP: "GatedMLP"}
+LAYER_PASSES = (NORM, QKV, ROPE, ATTENTION, MLP, GELU_MLP)
+OPS = {NORM: "RMSNorm", QKV: "FusedQKV", ROPE: "FusedRoPE", ATTENTION: "FlashAttentionOp", MLP: "GatedMLP",
+       GELU_MLP: "FusedMLP"}
 IMPLEMENTATION = {"gemma2": "eager", "llama": "eager"}  # Gemma2 has no sdpa path; Llama covers the eager forms
 
 

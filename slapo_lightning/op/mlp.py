@@ -132,7 +132,17 @@ class FusedMLP(nn.Module):
 
     @classmethod
     def from_match(cls, match) -> "FusedMLP":
-        """A GPT-2 style MLP (``c_fc -> act -> c_proj -> dropout``) replaced as a whole."""
+        """A GPT-2 style MLP (``c_fc -> act -> c_proj -> dropout``) replaced as a whole, or a matched
+        ``fc_out(gelu(fc_in(x)))`` of two Linears (a flattened GPT-NeoX or BERT layer; the GELU
+        from the pattern's ``approximate`` tag)."""
+        if match.subgraphs:
+            linears = [match.module.get_submodule(n.target) for n in match.nodes if n.op == "call_module"
+                       and isinstance(match.module.get_submodule(n.target), nn.Linear)]
+            if len(linears) != 2 or "approximate" not in match.tags:
+                raise OpError(f"fused_mlp: a match needs two Linears around a GELU, found {len(linears)} Linears")
+            fc_in, fc_out = linears  # graph order: fc_out consumes what fc_in made
+            return cls._wrap(fc_in, fc_out, nn.GELU(approximate=match.tags["approximate"]), 0.0, False,
+                             fc_in.training)
         module = whole_module(match, "fused_mlp")
         if not all(hasattr(module, name) for name in ("c_fc", "c_proj", "act", "dropout")):
             raise OpError(f"fused_mlp replaces a GPT-2 style MLP with c_fc, act, c_proj and dropout; "

@@ -1,6 +1,6 @@
 """Patterns of today's decoder layers (transformers 5.x, as a flattened trace records them):
-RMSNorm in its variants, the gated MLP (separate or chunked gate/up, SiLU or GELU) and rotary
-embeddings (full or partial). They match computations, not classes: whichever model writes the
+RMSNorm in its variants, the gated MLP (separate or chunked gate/up, SiLU or GELU), the plain
+GELU MLP and rotary embeddings (full or partial). They match computations, not classes: whichever model writes the
 same dataflow gets the op, and a model that writes something else keeps its code. The variants'
 tags tell each op's ``from_match`` what it matched (offset and cast order, activation)."""
 from __future__ import annotations
@@ -79,6 +79,21 @@ register_pattern(
     doc="down(act(gate(x)) * up(x)) with SiLU or GELU, separate gate/up Linears or one chunked gate_up "
         "(Phi-3), either operand order.",
 )
+
+# -- plain GELU MLP ----------------------------------------------------------------------------------
+
+
+def gelu_mlp(x):
+    """fc_out(gelu(fc_in(x))) of two Linears (GPT-NeoX; BERT's intermediate and output dense)."""
+    return _linear(F.gelu(_linear(x)))
+
+
+def gelu_tanh_mlp(x):
+    return _linear(F.gelu(_linear(x), approximate="tanh"))
+
+
+register_pattern("gelu_mlp", Variant(gelu_mlp, {"approximate": "none"}), Variant(gelu_tanh_mlp, {"approximate": "tanh"}),
+                 doc="Two Linears around a GELU (erf or tanh): the op recomputes the GELU in backward.")
 
 # -- rotary position embedding -------------------------------------------------------------------------
 
