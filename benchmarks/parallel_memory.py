@@ -108,6 +108,7 @@ def worker(preset_name: str, dp: int, tp: int, device: str, steps: int) -> dict:
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, result)
         rank = dist.get_rank()
+        dist.barrier()  # no rank leaves while another still talks to it (gloo aborts)
         dist.destroy_process_group()
         return gathered if rank == 0 else None
     return [result]

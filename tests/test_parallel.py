@@ -90,6 +90,7 @@ def worker(dp: int, tp: int, out: Path) -> None:
         torch.save({"losses": gathered, "state": state, "keys": list(state), "keys_before": keys,
                     "status": {p.name: p.status for p in report.passes},
                     "skipped": {p.name: [s.reason for s in p.skipped] for p in report.passes}}, out)
+    dist.barrier()  # no rank leaves while another still talks to it (gloo aborts)
     dist.destroy_process_group()
 
 
@@ -127,6 +128,7 @@ def slapo_style_worker(out: Path) -> None:
     if dist.get_rank() == 0:
         torch.save({"losses": [losses], "state": state, "keys": list(state), "keys_before": list(state),
                     "errors": errors}, out)
+    dist.barrier()  # no rank leaves while another still talks to it (gloo aborts)
     dist.destroy_process_group()
 
 

@@ -68,6 +68,7 @@ def worker(name: str, dp: int, tp: int, out: Path) -> None:
     state = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone() for k, v in m.state_dict().items()}
     if dist.get_rank() == 0:
         torch.save({"losses": gathered, "state": state, "applied": report.applied}, out)
+    dist.barrier()  # no rank leaves while another still talks to it (gloo aborts)
     dist.destroy_process_group()
 
 

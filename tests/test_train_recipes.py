@@ -144,6 +144,9 @@ def test_every_schedule_pass_can_be_toggled_from_the_command_line(recipe, tmp_pa
     reference = tiny_module(recipe)
     full = slapo.apply_schedule(reference.model, compose_train(*recipe_overrides,
                                                                "schedule.passes.checkpoint.enabled=true").schedule)
+    parallel = [p.name for p in full.passes if p.status == "skipped" and "no device mesh" in p.skipped[0].reason]
+    assert parallel, "the shipped schedules carry parallel passes, skipped on one process"
+    passes = [n for n in passes if n not in parallel]
     assert full.applied == passes
     introduced = {p.name: {cls for c in p.changes for cls in c.new_modules.values()} for p in full.passes}
     for name in passes:
@@ -156,7 +159,7 @@ def test_every_schedule_pass_can_be_toggled_from_the_command_line(recipe, tmp_pa
         assert spec.passes[name].enabled is False
         report = slapo.apply_schedule(module.model, spec)
         assert report[name].status == "disabled" and not report[name].changes
-        assert report.applied == [n for n in passes if n not in (name, "checkpoint")]
+        assert report.applied == [n for n in passes if n not in (name, "checkpoint")]  # parallel ones skipped
         assert not own & classes(module.model), f"disabled pass {name} still put {own} into the model"
         for change in full[name].changes:
             touched_by_others = any(c.path == change.path for p in full.passes if p.name != name for c in p.changes)

@@ -12,7 +12,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..errors import BackendError, OpError, closest
+from ..errors import BackendError, OpError, unknown
 from .attention_backends import ALIASES, ATTENTION_BACKENDS, AttentionBackend, backends_by_speed
 from .matching import Built, literal
 from .registry import register_op
@@ -32,11 +32,7 @@ def resolve_backend_name(name: str) -> str:
         return name
     if name in ALIASES:
         return ALIASES[name]
-    hint = closest(str(name), valid_backend_names())
-    did_you_mean = f" (did you mean {', '.join(map(repr, hint))}?)" if hint else ""
-    raise BackendError(
-        f"unknown attention backend {name!r}{did_you_mean}; valid: {', '.join(valid_backend_names())}"
-    )
+    raise BackendError(unknown("attention backend", name, valid_backend_names()))
 
 
 @register_op("flash_attention")

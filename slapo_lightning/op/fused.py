@@ -15,7 +15,7 @@ from torch import nn
 
 from .compiled import compiled_on_cuda
 from .dropout import fast_dropout
-from ..errors import OpError
+from ..errors import OpError, unknown
 from .registry import register_op
 
 GELU_APPROXIMATIONS = ("none", "tanh")
@@ -77,7 +77,7 @@ def _matched_approximate(match) -> str:
 
 def check_gelu_approximate(approximate: str) -> str:
     if approximate not in GELU_APPROXIMATIONS:
-        raise OpError(f"unknown GELU approximation {approximate!r}; valid: {', '.join(GELU_APPROXIMATIONS)}")
+        raise OpError(unknown("GELU approximation", approximate, GELU_APPROXIMATIONS, did_you_mean=False))
     return approximate
 
 

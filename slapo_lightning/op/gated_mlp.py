@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .distributed import refuse_distributed
-from ..errors import OpError
+from ..errors import OpError, unknown
 from .amp import autocast_inputs, autocast_off
 from .compiled import compiled_on_cuda
 from .fused import gelu_approximate_for
@@ -51,7 +51,7 @@ def activation_for(activation: str | nn.Module | Callable) -> str:
 
 def _check_activation(activation: str) -> str:
     if activation not in ACTIVATIONS:
-        raise OpError(f"unknown gated-MLP activation {activation!r}; valid: {', '.join(ACTIVATIONS)}")
+        raise OpError(unknown("gated-MLP activation", activation, ACTIVATIONS, did_you_mean=False))
     return activation
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .compiled import compiled_on_cuda
-from ..errors import OpError
+from ..errors import OpError, unknown
 from .matching import Built, literal, one_module, parameter
 from .registry import register_op
 
@@ -32,7 +32,7 @@ CASTS = ("before_weight", "after_weight")
 
 def _check_cast(cast: str) -> str:
     if cast not in CASTS:
-        raise OpError(f"unknown RMSNorm cast order {cast!r}; valid: {', '.join(CASTS)}")
+        raise OpError(unknown("RMSNorm cast order", cast, CASTS, did_you_mean=False))
     return cast
 
 

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch.fx as fx
 from torch import nn
 
-from ..errors import OpError, ReplaceError, SpecError, TraceError, closest
+from ..errors import OpError, ReplaceError, SpecError, TraceError, unknown
 from ..core.pattern import Subgraph
 from ..core.edits import apply_everywhere
 from ..core.primitives.fuse import COMPILERS
@@ -70,9 +70,7 @@ class StepKind:
         if not self.extra_args:
             for key in args:
                 if key not in self.params:
-                    hint = closest(key, self.params)
-                    found.append(f"unknown argument {key!r}" + (f" (did you mean {', '.join(map(repr, hint))}?)" if hint else "")
-                                 + f"; valid: {', '.join(self.params) or '(none)'}")
+                    found.append(unknown("argument", key, self.params))
         for key, param in self.params.items():
             if param.required and key not in args:
                 found.append(f"missing argument {key!r}")
@@ -109,7 +107,7 @@ def _check_compiler(args: dict[str, Any]) -> list[str]:
     compiler = args.get("compiler", "inductor")
     if compiler is None or compiler in COMPILERS:
         return []
-    return [f"unknown compiler {compiler!r}; valid: {', '.join(COMPILERS.names())} or null (no compilation)"]
+    return [unknown("compiler", compiler, COMPILERS.names(), more="or null (no compilation)")]
 
 
 def _check_bool(args: dict[str, Any], *names: str) -> list[str]:
@@ -421,6 +419,4 @@ def step_kind(name: str) -> StepKind:
         return STEPS.get(name)
     if name in PRIMITIVES:
         return primitive_step(name)
-    hint = closest(name, step_names())
-    raise SpecError(f"unknown primitive {name!r}" + (f" (did you mean {', '.join(map(repr, hint))}?)" if hint else "")
-                    + f"; valid: {', '.join(step_names())}")
+    raise SpecError(unknown("primitive", name, step_names()))

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from ...errors import ScheduleError
+from ...errors import ScheduleError, unknown
 from ...registry import Registry
 from .registry import register_primitive
 
@@ -155,7 +155,7 @@ def sync(sch, mode: str = "fwd_post", mesh_dim: str = TENSOR_PARALLEL) -> bool:
     if mesh_dimension(sch, mesh_dim) is None:
         return False
     if mode not in SYNC_MODES:
-        raise ScheduleError(f"sync: unknown mode {mode!r}; valid: {', '.join(SYNC_MODES)}")
+        raise ScheduleError(f"sync: {unknown('mode', mode, SYNC_MODES)}")
     done = sch.mod.__dict__.get("_slapo_shard")
     if done != SYNC_MODES[mode]:
         raise ScheduleError(f"sync(mode={mode!r}) at {sch.path or '<root>'} needs a {SYNC_MODES[mode]} sharded "
