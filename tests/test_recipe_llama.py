@@ -71,3 +71,39 @@ def test_llama_loss_falls_and_a_local_qwen2_directory_trains_too(tmp_path, cache
     report = json.loads(report_path.read_text())
     assert report["model"] == "Qwen2ForCausalLM"
     assert all(len(p["changes"]) == 2 for p in report["passes"] if p["name"] in ("rms_norm", "gated_mlp", "rope"))
+
+
+def test_every_auto_pass_can_be_toggled_from_the_command_line(tmp_path):
+    for name in load_spec("auto").passes:
+        cfg = compose_train("recipe=llama", f"run_dir={tmp_path}", f"schedule.passes.{name.name}.enabled=false")
+        assert [p.name for p in load_spec(cfg.schedule).enabled] == [
+            p.name for p in load_spec("auto").enabled if p.name != name.name]
+
+
+@pytest.mark.parametrize("model_type, fields", [
+    ("llama", {}),
+    ("qwen2", {}),
+    ("gemma2", {"head_dim": 8, "final_logit_softcapping": 30.0, "attn_implementation": None}),
+])
+def test_causal_lm_module_loss_is_the_hf_models_own_for_any_architecture(model_type, fields):
+    """The module's loss (base model, then lm_loss on the output embedding, soft-capped where the
+    config says) equals the HF model's own loss, before and after the auto schedule."""
+    from slapo_lightning import apply_schedule
+    from slapo_lightning.lightning import CausalLMModule
+
+    impl = "eager" if model_type == "gemma2" else "sdpa"
+    fields = {k: v for k, v in fields.items() if k != "attn_implementation"}
+    sizes = {"t": dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                       num_key_value_heads=2, max_position_embeddings=64, **fields)}
+    torch.manual_seed(0)
+    module = CausalLMModule(size="t", sizes=sizes, vocab_size=101, model_type=model_type, attn_implementation=impl,
+                            token_ids={"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0})
+    assert module.model.config.model_type == model_type
+    ids = torch.randint(1, 101, (2, 12), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    module.eval()
+    want = module.model(input_ids=ids, labels=ids).loss
+    torch.testing.assert_close(module.loss(batch)[0], want, rtol=1e-5, atol=1e-6)
+    apply_schedule(module.model, "auto")
+    assert type(module.model.lm_loss).__name__ == "FusedLinearCrossEntropy"
+    torch.testing.assert_close(module.loss(batch)[0], want, rtol=1e-5, atol=1e-5)
