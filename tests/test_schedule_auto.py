@@ -152,3 +152,22 @@ def test_grouped_key_values_are_never_repeated_in_any_variant():
             assert len(layer.specialisations) == (2 if impl == "sdpa" else 1)  # eager always builds a mask
             for spec in layer.specialisations:
                 assert not [n for n in spec.graph.nodes if n.target == "expand"], (impl, spec.label)
+
+
+@pytest.mark.parametrize("name", ["llama", "bert"])
+def test_checkpoint_pass_keeps_outputs_and_gradients(name):
+    import yaml
+
+    spec = yaml.safe_load((SHIPPED / "auto.yaml").read_text())
+    spec["passes"]["checkpoint"]["enabled"] = True  # as schedule.passes.checkpoint.enabled=true does
+    original = dm.build(name, "sdpa")
+    model = copy.deepcopy(original)
+    report = slapo.apply_schedule(model, spec, example_inputs=dm.batch(padded=True))
+    assert {c.path for p in report.passes if p.name == "checkpoint" for c in p.changes} >= {
+        p for p in dm.layers(original) if "embeddings" not in p}
+    batch = dm.batch(padded=True)
+    want, want_grads = outputs_and_grads(original, batch)
+    got, got_grads = outputs_and_grads(model, batch)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for key in want_grads:
+        torch.testing.assert_close(got_grads[key], want_grads[key], rtol=1e-4, atol=1e-5, msg=key)
