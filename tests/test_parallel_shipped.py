@@ -66,10 +66,63 @@ def worker(name: str, dp: int, tp: int, out: Path) -> None:
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, losses)
     state = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone() for k, v in m.state_dict().items()}
+    reloaded = reload_full_checkpoint(m, name, mesh)
     if dist.get_rank() == 0:
-        torch.save({"losses": gathered, "state": state, "applied": report.applied}, out)
+        torch.save({"losses": gathered, "state": state, "applied": report.applied, "reloaded": reloaded}, out)
     dist.barrier()  # no rank leaves while another still talks to it (gloo aborts)
     dist.destroy_process_group()
+
+
+def reload_full_checkpoint(trained, name: str, mesh) -> float:
+    """A full (gathered) checkpoint of the trained model loaded, as Lightning loads one, into a
+    fresh model scheduled alike: the largest difference of their losses on a batch."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+    import slapo_lightning as slapo
+
+    full = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+    checkpoint = get_model_state_dict(trained, options=full)
+    fresh = model(name)
+    fresh.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
+    slapo.apply_schedule(fresh, str(SCHEDULES / f"{name}.yaml"), device_mesh=mesh)
+    set_model_state_dict(fresh, checkpoint, options=full)
+    with torch.no_grad():
+        inputs = batch(0)
+        return abs(trained(**inputs).loss.item() - fresh(**inputs).loss.item())
+
+
+def refusal_worker(out: Path) -> None:
+    import torch.distributed as dist
+    from omegaconf import OmegaConf
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import slapo_lightning as slapo
+
+    dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("data_parallel",))
+    spec = OmegaConf.to_container(OmegaConf.load(SCHEDULES / "bert.yaml"))
+    del spec["passes"]["fused_qkv"]["unless_parallel"]
+    m = model("bert")
+    keys = list(m.state_dict())
+    try:
+        slapo.apply_schedule(m, spec, device_mesh=mesh)
+        error = ""
+    except slapo.ScheduleError as exc:
+        error = str(exc)
+    untouched = list(m.state_dict()) == keys and type(m.bert.encoder.layer[0]).__name__ == "BertLayer"
+    if dist.get_rank() == 0:
+        torch.save({"error": error, "untouched": untouched}, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def launch_refusal(out: Path) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(33500 + os.getpid() % 2000), __file__, "refuse", "0", "0", str(out)],
+                          capture_output=True, text=True, timeout=400, env=env)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return torch.load(out, weights_only=False)
 
 
 def launch(name: str, dp: int, tp: int, out: Path) -> dict:
@@ -81,7 +134,7 @@ def launch(name: str, dp: int, tp: int, out: Path) -> dict:
     return torch.load(out, weights_only=False)
 
 
-CASES = [("bert", 1, 2), ("bert", 2, 1), ("gpt2", 2, 1)]
+CASES = [("bert", 1, 2), ("bert", 2, 1), ("gpt2", 1, 2), ("gpt2", 2, 1)]
 
 
 @pytest.mark.timeout(600)
@@ -94,11 +147,21 @@ def test_shipped_schedule_under_a_mesh_trains_like_one_process(name, dp, tp, tmp
     torch.testing.assert_close(per_rank.mean(0), torch.tensor(expected), rtol=1e-5, atol=1e-6)
     for key, value in reference.state_dict().items():
         torch.testing.assert_close(result["state"][key], value, rtol=1e-4, atol=1e-6, msg=lambda m: f"{key}: {m}")
+    assert result["reloaded"] < 1e-6, "a full checkpoint reloads into a freshly scheduled model"
     if tp > 1:
-        assert "tensor_parallel" in result["applied"] and "fused_qkv" not in result["applied"]
+        assert "tensor_parallel" in result["applied"]
+        assert not {"fused_qkv", "fused_mlp"} & set(result["applied"]), "ops needing whole weights are skipped"
         assert "flash_attention" in result["applied"], "attention on local heads"
     else:
         assert {"fsdp_layers", "fsdp_root"} <= set(result["applied"])
+        assert not {"fused_qkv", "fused_mlp", "bias_dropout_add_layer_norm"} & set(result["applied"]), \
+            "ops whose keys live in hooks are skipped where checkpoints are distributed"
+
+
+def test_a_pass_keeping_keys_by_hooks_is_refused_under_a_mesh(tmp_path):
+    result = launch_refusal(tmp_path / "refused.pt")
+    assert "passes fused_qkv keep the original checkpoint keys through state-dict hooks" in result["error"]
+    assert result["untouched"], "the model is as it was"
 
 
 @pytest.mark.parametrize("name", ["bert", "gpt2"])
@@ -111,5 +174,7 @@ def test_without_a_mesh_the_shipped_parallel_passes_are_skipped(name):
     assert "flash_attention" in report.applied
 
 
-if __name__ == "__main__" and len(sys.argv) == 5:
+if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "refuse":
+    refusal_worker(Path(sys.argv[4]))
+elif __name__ == "__main__" and len(sys.argv) == 5:
     worker(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]))

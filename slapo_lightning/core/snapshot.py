@@ -21,7 +21,7 @@ class ModelSnapshot:
     """The structure of ``root`` and of every module under it at construction time."""
 
     def __init__(self, root: nn.Module):
-        self._states: list[tuple[nn.Module, dict[str, Any], dict[int, dict], Any]] = []
+        self._states: list[tuple[nn.Module, dict[str, Any], dict[int, dict], Any, type]] = []
         for module in root.modules():
             attrs = dict(module.__dict__)
             contents = {id(v): dict(v) for v in attrs.values() if isinstance(v, dict)}
@@ -31,12 +31,13 @@ class ModelSnapshot:
                 graph = copy.deepcopy(module.graph)
             else:
                 graph = None
-            self._states.append((module, attrs, contents, graph))
+            self._states.append((module, attrs, contents, graph, type(module)))
 
     def restore(self) -> None:
         """Put every recorded module back; dicts are refilled in place so outstanding hook
         handles keep pointing at the live dicts."""
-        for module, attrs, contents, graph in self._states:
+        for module, attrs, contents, graph, cls in self._states:
+            module.__class__ = cls  # fully_shard swaps a module's class
             module.__dict__.clear()
             module.__dict__.update(attrs)
             for value in attrs.values():

@@ -45,6 +45,7 @@ def alias_split_state(parent: nn.Module, child_name: str, original_names: list[s
 
     parent.register_state_dict_post_hook(save)
     parent.register_load_state_dict_pre_hook(load)
+    parent.__dict__["_slapo_keeps_keys"] = True
 
 
 def tensor_keys(module: nn.Module) -> dict[int, list[str]]:
@@ -94,3 +95,11 @@ def keep_original_keys(module: nn.Module, moves: dict[str, str]) -> None:
 
     module.register_state_dict_post_hook(save)
     module.register_load_state_dict_pre_hook(load)
+    module.__dict__["_slapo_keeps_keys"] = True
+
+
+def keeps_keys_by_hooks(module: nn.Module) -> bool:
+    """True when ``module`` presents original keys through state-dict hooks, which
+    torch.distributed.checkpoint (walking keys through the module tree) does not follow."""
+    return bool(module.__dict__.get("_slapo_keeps_keys"))
+

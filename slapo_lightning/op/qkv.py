@@ -194,11 +194,28 @@ class FusedQKV(nn.Module):
                     raise OpError(
                         f"{name}.{key} has shape {tuple(value.shape)}, expected {tuple(target[key].shape)}"
                     )
-                target[key].copy_(value)
+        for key, param in self.fused_linear.named_parameters():
+            if _is_dtensor(param):  # sharded (FSDP2): write whole tensors, laid out as the shard is
+                from torch.distributed.tensor import distribute_tensor
+
+                whole = torch.cat([_whole(state[key]).to(param.device) for state in states])
+                param.copy_(distribute_tensor(whole.to(param.dtype), param.device_mesh, param.placements))
+            else:
+                param.copy_(torch.cat([_whole(state[key]).to(param.device) for state in states]))
 
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, "
                 f"head_dim={self.head_dim}, head_layout={self.head_layout}")
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if _is_dtensor(tensor) else tensor
 
 
 def _state(weight: torch.Tensor, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:

@@ -73,25 +73,142 @@ def why_not_applicable(sch, dim: str) -> str | None:
 
 
 @register_primitive("parallelize")
-def parallelize(sch, plan: dict[str, str], mesh_dim: str = TENSOR_PARALLEL) -> bool:
+def parallelize(sch, plan: dict[str, Any], mesh_dim: str = TENSOR_PARALLEL, local_sizes: list[str] | None = None) -> bool:
     """Tensor-parallelise ``sch.mod`` by ``plan`` (child path or glob -> style name, e.g.
-    ``{"self_attn.q_proj": "colwise", "self_attn.o_proj": "rowwise"}``) over ``mesh_dim``."""
+    ``{"self_attn.q_proj": "colwise", "self_attn.o_proj": "rowwise"}``) over ``mesh_dim``.
+
+    A plan value may be ``{style: colwise, blocks: 3}`` for a projection whose output is ``blocks``
+    tensors side by side (GPT-2's ``c_attn``: q, k, v): each rank then holds its share of every
+    block. ``local_sizes`` names integer attributes (``attn.split_size``) the module's code splits
+    by, which become per-rank sizes. Transposed Linears (HF's ``Conv1D``) take the same styles.
+    """
     mesh = mesh_dimension(sch, mesh_dim)
     if mesh is None:
         return False
     from torch.distributed.tensor.parallel import parallelize_module
 
     styles = {}
-    for pattern, style in plan.items():
+    for pattern, entry in plan.items():
+        style, blocks = (entry, 1) if isinstance(entry, str) else (entry.get("style"), int(entry.get("blocks", 1)))
         targets = sch.select(pattern) if any(c in pattern for c in "*?[") or pattern.startswith("re:") else [sch[pattern]]
         if not targets:
             raise ScheduleError(f"parallelize at {sch.path or '<root>'}: {pattern!r} matches no submodule")
-        factory = PARALLEL_STYLES.get(style)
         for target in targets:
             _check_shardable(target, style)
-            styles[target.path[len(sch.path) + 1:] if sch.path else target.path] = factory()
+            relative = target.path[len(sch.path) + 1:] if sch.path else target.path
+            if isinstance(target.mod, _transposed_linears()):
+                styles[relative] = transposed_style(style, blocks, mesh.size())
+            elif blocks != 1:
+                raise ScheduleError(f"parallelize: {target.path}: 'blocks' is for transposed Linears (Conv1D)")
+            else:
+                styles[relative] = PARALLEL_STYLES.get(style)()
+    for name in local_sizes or ():
+        _make_local(sch, name, mesh.size())
     parallelize_module(sch.mod, mesh, styles)
     return True
+
+
+def _transposed_linears() -> tuple[type, ...]:
+    """Linears that store their weight as (in, out): Hugging Face's ``Conv1D`` (GPT-2)."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return ()
+    return (Conv1D,)
+
+
+def _make_local(sch, name: str, ranks: int) -> None:
+    owner_path, _, attribute = name.rpartition(".")
+    owner = sch[owner_path].mod if owner_path else sch.mod
+    value = getattr(owner, attribute, None)
+    if not isinstance(value, int) or isinstance(value, bool) or value % ranks:
+        raise ScheduleError(f"parallelize: local_sizes {name!r} at {sch.path or '<root>'} is {value!r}, not an "
+                            f"integer divisible by the {ranks} tensor-parallel ranks")
+    setattr(owner, attribute, value // ranks)
+
+
+def transposed_style(style: str, blocks: int, ranks: int):
+    """Colwise / rowwise for a transposed Linear: the same collectives as torch's styles, the
+    weight sharded on the other dimension; with ``blocks``, the output columns reordered so that
+    each rank's shard holds its part of every block. Checkpoints keep the original layout."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    if style not in ("colwise", "rowwise"):
+        raise ScheduleError(f"parallelize: a transposed Linear (Conv1D) takes 'colwise' or 'rowwise', got {style!r}")
+    if style == "rowwise" and blocks != 1:
+        raise ScheduleError("parallelize: 'blocks' splits a colwise projection's output, not a rowwise one's")
+    base = ColwiseParallel if style == "colwise" else RowwiseParallel
+
+    class TransposedStyle(base):
+        def _partition(self, name, module, device_mesh):
+            order = _block_order(module.weight.shape[1], blocks, ranks) if blocks > 1 else None
+            for pname, param in list(module.named_parameters(recurse=False)):
+                if order is not None:
+                    param = param.detach()[:, order] if pname == "weight" else param.detach()[order]
+                if style == "colwise":
+                    placement = Shard(1) if pname == "weight" else Shard(0)
+                else:
+                    placement = Shard(0) if pname == "weight" else Replicate()
+                module.register_parameter(pname, nn.Parameter(distribute_tensor(param, device_mesh, [placement])))
+            if order is not None:
+                _keep_original_layout(module, order)
+
+        def _apply(self, module, device_mesh):
+            from functools import partial
+
+            from torch.distributed.tensor import distribute_module
+
+            if style == "rowwise":  # the input arrives sharded on its last dimension, as for a Linear
+                self.desired_input_layouts = (Shard(-1),)
+
+            return distribute_module(module, device_mesh, self._partition,
+                                     partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts),
+                                     partial(self._prepare_output_fn, self.output_layouts, self.use_local_output))
+
+    return TransposedStyle()
+
+
+def _block_order(width: int, blocks: int, ranks: int):
+    """Column order putting rank r's slice of every block next to each other."""
+    import torch
+
+    if width % (blocks * ranks):
+        raise ScheduleError(f"parallelize: {width} output columns do not split into {blocks} blocks over {ranks} ranks")
+    block, share = width // blocks, width // blocks // ranks
+    return torch.tensor([b * block + r * share + i for r in range(ranks) for b in range(blocks) for i in range(share)])
+
+
+def _keep_original_layout(module: nn.Module, order) -> None:
+    """State-dict hooks: save the columns in the original order (whole tensors), load them back
+    into this rank's reordered shard."""
+    import torch
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    inverse = torch.argsort(order)
+
+    def _column(key: str) -> int:
+        return 1 if key.endswith("weight") else 0
+
+    def save(mod, state_dict, prefix, local_metadata):
+        for name in ("weight", "bias"):
+            key = prefix + name
+            value = state_dict.get(key)
+            if isinstance(value, DTensor):
+                state_dict[key] = value.full_tensor().index_select(_column(key), inverse)
+
+    def load(mod, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        for name in ("weight", "bias"):
+            key, param = prefix + name, getattr(mod, name, None)
+            value = state_dict.get(key)
+            if value is None or not isinstance(param, DTensor):
+                continue
+            whole = value.full_tensor() if isinstance(value, DTensor) else value
+            state_dict[key] = distribute_tensor(whole.to(param.device).index_select(_column(key), order),
+                                                param.device_mesh, param.placements)
+
+    module.register_state_dict_post_hook(save)
+    module.register_load_state_dict_pre_hook(load)
 
 
 def _check_shardable(sch, style: str) -> None:
@@ -103,7 +220,7 @@ def _check_shardable(sch, style: str) -> None:
                                 f"{holder.path}, which reads its weights directly; schedule tensor parallelism "
                                 f"before that op's pass, or mark the pass unless_parallel: tensor_parallel")
         holder = holder.parent
-    if style == "sequence":
+    if style == "sequence" or isinstance(module, _transposed_linears()):
         return
     if not isinstance(module, SHARDABLE) or type(module) not in (nn.Linear, nn.Embedding):
         raise ScheduleError(f"parallelize: {sch.path} is a {type(module).__name__}; the {style!r} style shards "

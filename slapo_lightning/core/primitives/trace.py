@@ -23,8 +23,10 @@ log = logging.getLogger("slapo_lightning")
 
 def is_op_leaf(module: nn.Module) -> bool:
     """Modules that stay opaque even under ``flatten=True``: torch.nn built-ins, checkpointed
-    regions, and modules that say so themselves (``traced_as_leaf = True``: the op library's ops)."""
-    if isinstance(module, CheckpointWrapper):
+    regions, modules with forward hooks (tensor-parallel styles and FSDP2 work through them, and a
+    trace would inline the module without them), and modules that say so themselves
+    (``traced_as_leaf = True``: the op library's ops)."""
+    if isinstance(module, CheckpointWrapper) or module._forward_hooks or module._forward_pre_hooks:
         return True
     declared = getattr(type(module), "traced_as_leaf", None)
     if declared is not None:
