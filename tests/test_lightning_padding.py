@@ -77,12 +77,12 @@ class CausalLM(Classifier):
         return loss
 
 
-def train(module: pl.LightningModule, callbacks: list, root) -> list[float]:
+def train(module: pl.LightningModule, callbacks: list, root, precision: str = "32-true") -> list[float]:
     data = [(seq, i % 3) for i, seq in enumerate(sequences())]
     loader = DataLoader(data, batch_size=2, shuffle=False, collate_fn=pad_collate)
     trainer = pl.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
-                         default_root_dir=root)
+                         default_root_dir=root, precision=precision)
     trainer.fit(module, loader)
     return module.losses
 
@@ -107,3 +107,21 @@ def test_shipped_schedule_trains_exactly_like_the_original_with_a_padding_collat
     assert traced and all(len(m.specialisations) >= 1 for m in traced)
     assert all(spec.origin == "setup" for m in traced for spec in m.specialisations), \
         "the variants a padding collator produces were built at setup, none at run time"
+
+
+def test_a_kind_of_call_first_seen_in_training_is_specialised_and_reported(tmp_path):
+    """Setup traces in float32; bf16 autocast during training is another kind of call (the dtypes
+    the code sees change): new specialisations at run time, the same losses as the original under
+    autocast, and the report written at the end of training lists them."""
+    import json
+
+    expected = train(Classifier(), [], tmp_path, precision="bf16-mixed")
+    scheduled = Classifier()
+    report = tmp_path / "report.json"
+    callback = slapo.ScheduleCallback(f"{SCHEDULES}/bert.yaml", print_report=False, report_path=str(report))
+    got = train(scheduled, [callback], tmp_path, precision="bf16-mixed")
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=2e-2, atol=2e-2)
+    variants = json.loads(report.read_text())["specialisations"]["bert.encoder.layer.0.attention.self"]
+    origins = [v["origin"] for v in variants]
+    assert "setup" in origins and "run time" in origins
+    assert any("autocast=cpu:bfloat16" in v["label"] for v in variants)

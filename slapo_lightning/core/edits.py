@@ -22,9 +22,9 @@ from ..errors import ScheduleError
 from .pattern import find_matches
 from .state_keys import keep_original_keys, moved_keys, tensor_keys
 from .tracer import TracedModule
+from .tracer.specialise import REPLAYING, replaying
 
 _POLICY: contextvars.ContextVar[str] = contextvars.ContextVar("slapo_variant_policy", default="skip")
-_APPLYING: contextvars.ContextVar[bool] = contextvars.ContextVar("slapo_applying_edit", default=False)
 
 
 class VariantError(ScheduleError):
@@ -43,8 +43,8 @@ def variant_policy(policy: str) -> Iterator[None]:
 
 
 def applying_edit() -> bool:
-    """True inside ``apply_everywhere``: nested primitive calls belong to the outer edit."""
-    return _APPLYING.get()
+    """True inside ``apply_everywhere`` or a replay: nested primitive calls belong to the outer edit."""
+    return REPLAYING.get()
 
 
 @dataclass
@@ -135,13 +135,7 @@ def refind(holder: TracedModule, origins: list) -> list:
     return result
 
 
-@contextlib.contextmanager
-def _applying() -> Iterator[None]:
-    token = _APPLYING.set(True)
-    try:
-        yield
-    finally:
-        _APPLYING.reset(token)
+_applying = replaying
 
 
 def gm_called_children(gm: Any) -> set[str]:

@@ -161,6 +161,18 @@ class ScheduleCallback(Callback):
 
             Console().print(self.report.table())
 
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The report lists the specialisations made during training too (a kind of batch the
+        setup variants did not cover); it is saved again when there are new ones."""
+        model = _find(pl_module, self.target)
+        if self.report is None or model is None:
+            return
+        before = dict(self.report.specialisations)
+        self.report.refresh_specialisations(model)
+        path = self.report_file(trainer)  # on every rank: trainer.log_dir is collective under DDP
+        if self.report.specialisations != before and trainer.is_global_zero:
+            self.report.save(path)
+
     # -- verification ------------------------------------------------------------------------------
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:

@@ -12,6 +12,7 @@ other specialisation too and logs it for the ones that come later.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import logging
 import warnings
@@ -29,6 +30,19 @@ from .proxies import concrete, has_proxy
 from .state import adopt_attributes
 
 log = logging.getLogger("slapo_lightning")
+
+REPLAYING: contextvars.ContextVar[bool] = contextvars.ContextVar("slapo_replaying_edits", default=False)
+"""True while edits are being applied or replayed: primitives called inside belong to that edit
+and must not log edits of their own."""
+
+
+@contextlib.contextmanager
+def replaying() -> Iterator[None]:
+    token = REPLAYING.set(True)
+    try:
+        yield
+    finally:
+        REPLAYING.reset(token)
 
 MAX_SPECIALISATIONS = 8
 """Per module. HF training takes two (mask absent, mask present); a few more cover dtype or
@@ -285,7 +299,7 @@ class SpecialisationState:
 
     def _replay_edits(self, holder: TracedModule, spec: Specialisation, path: str) -> None:
         borrowed = _borrow_missing_children(holder, spec.graph, self.source)
-        with holder.activated(spec):
+        with holder.activated(spec), replaying():
             for edit in self.edits:
                 try:
                     edit.replay(holder)
