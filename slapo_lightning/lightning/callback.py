@@ -230,7 +230,8 @@ class ScheduleCallback(Callback):
         if grads:
             worst = max(grads, key=lambda n: (relative.get(n) is not None, relative.get(n) or errors[n]))
             parts.append(f"gradients {rel(worst)} (worst: {worst[5:]})")
-        steps = ", ".join(p.name for p in self.spec.enabled) or "no passes"
+        applied = self.report.applied if self.report is not None else [p.name for p in self.spec.enabled]
+        steps = ", ".join(applied) or "no passes"
         return (f"ScheduleCallback: first-batch verification of {self.target!r} passed on batch {batch_idx} "
                 f"(schedule {steps}): {len(outputs)} output(s) and {len(grads)} parameter gradient(s) equal the "
                 f"unscheduled model's within rtol={self.rtol:g}, atol={self.atol:g}; worst relative error: "
