@@ -112,6 +112,14 @@ PRESETS: dict[str, dict[str, Workload]] = {
 """``cpu``: small-but-real widths that finish in minutes on 2 cores, GPT-2's full vocabulary (the
 LM head is where the fused linear+cross-entropy matters). ``gpu``: GPT-2-medium and BERT-large."""
 
+DECODER_TYPES = ("mistral", "qwen2", "qwen3", "phi3", "gemma", "olmo2")
+"""Decoders benchmarked under the ``auto`` schedule besides the llama recipe (``--preset decoders``):
+the same small shape for each, so that one table compares what ``auto`` does to each family."""
+PRESETS["decoders"] = {
+    name: Workload(name, {**llama_config(2, 256, 512, 4, 2), "head_dim": 64, "pad_token_id": 0}, 32000, 512, 2)
+    for name in ("llama", *DECODER_TYPES)
+}
+
 
 # -- variants -------------------------------------------------------------------------------------
 
@@ -196,6 +204,8 @@ RECIPES = {
                    lambda model: model.cls.predictions.transform, "bert"),
     "llama": Recipe("CausalLMModule", True, lambda model: model.model.layers, lambda model: model.model.norm,
                     lambda model: None, "auto", "llama"),
+    **{name: Recipe("CausalLMModule", True, lambda model: model.model.layers, lambda model: model.model.norm,
+                    lambda model: None, "auto", name) for name in DECODER_TYPES},
 }
 
 
