@@ -126,4 +126,4 @@ def test_shipped_schedules_resolve_by_name():
     shipped = Path(__file__).resolve().parents[1] / "slapo_lightning" / "configs" / "schedule"
     for name in ("gpt2", "bert", "none"):
         assert load_spec(name) == load_spec(OmegaConf.load(shipped / f"{name}.yaml"))
-    assert [p.name for p in load_spec("gpt2").enabled][:2] == ["flash_attention", "fused_mlp"]
+    assert [p.name for p in load_spec("gpt2").enabled][:3] == ["tensor_parallel", "flash_attention", "fused_mlp"]
