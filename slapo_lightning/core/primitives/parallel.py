@@ -68,8 +68,8 @@ def why_not_applicable(sch, dim: str) -> str | None:
         return None
     mesh = sch.device_mesh
     if mesh is None:
-        return f"no device mesh (one process or DDP): no {dim!r} dimension to distribute over"
-    return f"the device mesh {tuple(mesh.mesh_dim_names or ())} has no {dim!r} dimension larger than 1"
+        return "no device mesh (one process or DDP)"
+    return f"the mesh {tuple(mesh.mesh_dim_names or ())} has no {dim!r} dimension larger than 1"
 
 
 @register_primitive("parallelize")
