@@ -32,13 +32,10 @@ SPEC = {"passes": {
 
 
 def llama():
-    import transformers as tf
+    """The tiny Llama of the architecture fixtures (2 layers, 4 query / 2 key-value heads), on sdpa."""
+    import decoder_models
 
-    torch.manual_seed(0)
-    return tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=101, hidden_size=32, num_hidden_layers=2,
-                                              num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
-                                              max_position_embeddings=64, attention_dropout=0.0,
-                                              attn_implementation="sdpa"))
+    return decoder_models.build("llama", "sdpa")
 
 
 def batch(data_rank: int) -> dict:

@@ -61,7 +61,7 @@ def apply_everywhere(gm: Any, edit: Any, first: Callable[[], Any]) -> EditResult
         return EditResult(first())
     if not isinstance(gm, TracedModule):
         keys_before, called_before, used_before = tensor_keys(gm), gm_called_children(gm), _used_modules(gm)
-        with _applying():
+        with replaying():
             value = first()
         _drop_replaced_children(gm, called_before, gm_called_children(gm))
         _drop_replaced_descendants(gm, used_before, _used_modules(gm))
@@ -72,7 +72,7 @@ def apply_everywhere(gm: Any, edit: Any, first: Callable[[], Any]) -> EditResult
     used_before = _used_modules(gm)
     path = gm.__dict__["_slapo_state"].options.path or "<root>"
     skipped: list[str] = []
-    with _applying():
+    with replaying():
         value = first()
         active = gm.active_specialisation
         for spec in gm.specialisations:
@@ -135,7 +135,6 @@ def refind(holder: TracedModule, origins: list) -> list:
     return result
 
 
-_applying = replaying
 
 
 def gm_called_children(gm: Any) -> set[str]:

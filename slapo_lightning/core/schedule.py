@@ -17,6 +17,7 @@ from ..errors import PathError, ScheduleError, closest
 from ..registry import import_object
 from .primitives.registry import PRIMITIVES
 from .tracer import CallArgs, forward_signature, training_defaults
+from .tracer.guards import CallKey
 
 
 class Schedule:
@@ -108,9 +109,10 @@ class Schedule:
     def record_example_inputs(self, path: str, calls: list) -> None:
         """Add the distinct calls of ``path`` a trace of its parent saw."""
         recorded = self._root.recorded.setdefault(path, [])
-        kinds = {_call_kind(tuple(c.args), dict(c.kwargs)) for c in recorded}
+        module = self._root.module.get_submodule(path) if path else self._root.module
+        kinds = {call_kind(module, c.args, c.kwargs) for c in recorded}
         for call in calls:
-            kind = _call_kind(tuple(call.args), dict(call.kwargs))
+            kind = call_kind(module, call.args, call.kwargs)
             if kind not in kinds:
                 kinds.add(kind)
                 recorded.append(call)
@@ -169,7 +171,7 @@ class _Root:
             path = names.get(module)
             if path is None:
                 return
-            kind = _call_kind(args, kwargs)
+            kind = call_kind(module, args, kwargs)
             if kind not in seen.setdefault(path, set()):
                 seen[path].add(kind)
                 self.recorded.setdefault(path, []).append(CallArgs(tuple(args), dict(kwargs)))
@@ -192,17 +194,9 @@ class _Root:
             self.module.train(was_training)
 
 
-def _call_kind(args: tuple, kwargs: dict) -> tuple:
-    """What tells two calls apart for tracing: None-ness, flags, dtypes and ranks of the arguments."""
-    def kind(v: Any) -> Any:
-        if isinstance(v, torch.Tensor):
-            return ("tensor", v.dtype, v.dim())
-        if v is None or isinstance(v, (bool, int, float, str)):
-            return v
-        if isinstance(v, (tuple, list)):
-            return tuple(kind(x) for x in v)
-        return type(v).__name__
-    return tuple(kind(a) for a in args), tuple(sorted((k, kind(v)) for k, v in kwargs.items()))
+def call_kind(module: nn.Module, args: tuple, kwargs: dict) -> tuple:
+    """What tells two calls of ``module`` apart for tracing: the call key its traced form uses."""
+    return CallKey(forward_signature(module))(module, tuple(args), dict(kwargs))
 
 
 def training_variants(model: nn.Module, example: Any) -> list[Any]:

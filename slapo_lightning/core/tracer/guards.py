@@ -8,6 +8,7 @@ call would take the other branch; the traced module then tries its next speciali
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, Callable
 
@@ -26,7 +27,6 @@ class GuardMiss(Exception):
 def records_itself_when_traced(fn: Callable) -> Callable:
     """Functions the tracer inserts into graphs: tracing a traced module again records them as
     calls instead of running them on proxies."""
-    import functools
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
