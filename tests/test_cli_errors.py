@@ -47,7 +47,7 @@ def files(tmp_path):
 UP_FRONT = [
     # -- groups, keys, types, syntax ------------------------------------------------------------------
     (["recipe=t5"], "unknown recipe 't5'; valid: bert, gpt2"),
-    (["trainer=tpu"], "unknown trainer 'tpu' (did you mean 'gpu', 'cpu'?); valid: auto, cpu, ddp, gpu"),
+    (["trainer=tpu"], "unknown trainer 'tpu' (did you mean 'tp', 'gpu', 'cpu'?); valid: auto, cpu, ddp, fsdp, gpu, tp"),
     (["logger=[csv,wandb]"], "unknown logger 'wandb'"),
     (["model.layers=4"], "unknown key 'model.layers': model has no 'layers' (valid: _target_, size,"),
     (["schedule=none", "schedule.passes.fused_qkv.enabled=false"], "schedule.passes has no 'fused_qkv' (valid: (none))"),
@@ -92,6 +92,11 @@ UP_FRONT = [
     (["schedule={tmp}/broken.yaml"], "malformed YAML"),
     (["schedule={tmp}/bad_op.yaml"], "unknown op 'fused_mlpp' (did you mean 'fused_mlp'"),
     (["schedule.passes.flash_attention.backend=cudnn"], "unknown attention backend 'cudnn'"),
+    (["trainer=tp", "trainer.devices=3", "trainer.strategy.tensor_parallel_size=2"],
+     "trainer.strategy: data_parallel_size=1 x tensor_parallel_size=2 = 2 ranks, but trainer.devices=3 x "
+     "trainer.num_nodes=1 start 3"),
+    (["trainer=fsdp", "trainer.strategy.data_parallel_size=zero"],
+     "bad value trainer.strategy.data_parallel_size='zero': ModelParallelStrategy takes one of 'auto' or an integer"),
     # -- callbacks ------------------------------------------------------------------------------------
     (["callbacks.schedule.verify=sometimes"], "callbacks.schedule: ScheduleCallback: verify='sometimes' is not supported"),
     (["callbacks.schedule.schedule=/no/such/spec.yaml"], "schedule spec file '/no/such/spec.yaml' does not exist"),
@@ -102,7 +107,7 @@ UP_FRONT = [
     (["ckpt_path=/no/such.ckpt"], "ckpt_path: '/no/such.ckpt' is not a checkpoint file (no such file)"),
     (["ckpt_path={tmp}/notes.txt"], "is not a Lightning checkpoint torch can load safely"),
     (["ckpt_path={tmp}/plain.pt"], "is not a Lightning training checkpoint (it has no state_dict, loops, global_step)"),
-    (["ckpt_path={tmp}/a_dir"], "is a directory; give a checkpoint file"),
+    (["ckpt_path={tmp}/a_dir"], "is a directory, not a distributed checkpoint (it has no .metadata)"),
     (["export_dir={tmp}/notes.txt"], "export_dir="),
 ]
 if not torch.cuda.is_available():

@@ -98,8 +98,11 @@ def check_checkpoint_file(ckpt: Any) -> dict:
     if not isinstance(ckpt, str) or not ckpt:
         raise RecipeError(f"ckpt_path={ckpt!r} is not valid: a path to a Lightning checkpoint (.ckpt) or null")
     path = Path(ckpt).expanduser()
+    if path.is_dir() and (path / DISTRIBUTED_METADATA).is_file():
+        return _distributed_checkpoint(path, ckpt)
     if path.is_dir():
-        raise RecipeError(f"ckpt_path: {ckpt!r} is a directory; give a checkpoint file, e.g. {ckpt.rstrip('/')}/last.ckpt")
+        raise RecipeError(f"ckpt_path: {ckpt!r} is a directory, not a distributed checkpoint (it has no "
+                          f"{DISTRIBUTED_METADATA}); give a checkpoint, e.g. {ckpt.rstrip('/')}/last.ckpt")
     if not path.is_file():
         raise RecipeError(f"ckpt_path: {ckpt!r} is not a checkpoint file (no such file)")
     try:
@@ -113,6 +116,32 @@ def check_checkpoint_file(ckpt: Any) -> dict:
         raise RecipeError(f"ckpt_path: {ckpt!r} is not a Lightning training checkpoint (it has no {', '.join(missing)}); "
                           "give a .ckpt that Lightning's ModelCheckpoint wrote, e.g. <run>/checkpoints/last.ckpt")
     return checkpoint
+
+
+DISTRIBUTED_METADATA = ".metadata"
+"""The file torch.distributed.checkpoint writes in a checkpoint directory (ModelParallelStrategy's
+``save_distributed_checkpoint=True``); Lightning keeps the rest of the checkpoint in ``meta.pt``."""
+
+
+def _distributed_checkpoint(path: Path, ckpt: str) -> dict:
+    """A distributed checkpoint as :func:`check_checkpoint_file` returns one: the weights' keys and
+    shapes (meta tensors, read from the metadata only) next to Lightning's loops and step."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        metadata = FileSystemReader(str(path)).read_metadata()
+        extra = torch.load(path / "meta.pt", map_location="cpu", weights_only=True) if (path / "meta.pt").is_file() else {}
+    except Exception as exc:  # noqa: BLE001 - anything torch cannot read is not a checkpoint
+        raise RecipeError(f"ckpt_path: {ckpt!r} is not a distributed checkpoint torch can read "
+                          f"({type(exc).__name__}: {str(exc).strip()[:160]})") from None
+    prefix = "state_dict."
+    weights = {key[len(prefix):]: torch.empty(tuple(entry.size), device="meta")
+               for key, entry in metadata.state_dict_metadata.items() if key.startswith(prefix) and hasattr(entry, "size")}
+    missing = [key for key in ("loops", "global_step") if key not in extra] + ([] if weights else ["state_dict"])
+    if missing:
+        raise RecipeError(f"ckpt_path: {ckpt!r} is not a Lightning training checkpoint (it has no {', '.join(missing)}); "
+                          "give a checkpoint that Lightning's ModelCheckpoint wrote, e.g. <run>/checkpoints/last.ckpt")
+    return {**extra, "state_dict": weights}
 
 
 def _check_model(model: dict, cfg: DictConfig) -> None:
@@ -259,8 +288,10 @@ def _check_built(cfg: DictConfig, plain: dict) -> None:
                 raise RecipeError(f"callbacks.{name}: {one_line(exc)}") from None
         trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
         trainer_cfg.pop("default_root_dir", None)
-        kwargs = {k: v for k, v in trainer_cfg.items() if k != "_target_"}
         from hydra.utils import get_class
+
+        kwargs = {k: _built(f"trainer.{k}", v) for k, v in trainer_cfg.items() if k != "_target_"}
+        _check_mesh(trainer_cfg)
 
         target = get_class(trainer_cfg["_target_"])
         keep = [c for c in callbacks if not _is_progress_bar(c)] if not kwargs.get("enable_progress_bar", True) else callbacks
@@ -269,6 +300,39 @@ def _check_built(cfg: DictConfig, plain: dict) -> None:
                 target(**kwargs, callbacks=keep, logger=False, default_root_dir=os.devnull)
         except Exception as exc:  # noqa: BLE001 - Lightning's argument checks (MisconfigurationException, ValueError, ...)
             raise RecipeError(f"trainer: {one_line(exc)}") from None
+
+
+def _built(key: str, value: Any) -> Any:
+    """A Trainer argument given as a config node with a ``_target_`` (``trainer.strategy``), built."""
+    if not (isinstance(value, dict) and "_target_" in value):
+        return value
+    from hydra.errors import InstantiationException
+
+    from .overrides import one_line
+
+    try:
+        return instantiate(value)
+    except (InstantiationException, ValueError, TypeError, ImportError) as exc:
+        raise RecipeError(f"{key}: {one_line(exc)}") from None
+
+
+def _check_mesh(trainer: dict) -> None:
+    """ModelParallelStrategy's mesh must cover every rank; Lightning would say so only after
+    launching the processes."""
+    from hydra.utils import get_class
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    strategy = trainer.get("strategy")
+    if not (isinstance(strategy, dict) and issubclass(get_class(strategy["_target_"]), ModelParallelStrategy)):
+        return
+    dp, tp = strategy.get("data_parallel_size", "auto"), strategy.get("tensor_parallel_size", "auto")
+    devices, nodes = trainer.get("devices"), trainer.get("num_nodes", 1)
+    if not all(isinstance(v, int) for v in (dp, tp, devices, nodes)) or devices < 1:
+        return
+    if dp * tp != devices * nodes:
+        raise RecipeError(f"trainer.strategy: data_parallel_size={dp} x tensor_parallel_size={tp} = {dp * tp} ranks, "
+                          f"but trainer.devices={devices} x trainer.num_nodes={nodes} start {devices * nodes}; make "
+                          "the product of the mesh sizes equal the number of processes")
 
 
 def _is_progress_bar(callback: Any) -> bool:

@@ -112,10 +112,15 @@ class TextDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> ResumableDataLoader:
         """Shuffled per epoch with ``seed + epoch``, sharded by rank (the sampler is a
         ``DistributedSampler``, so Lightning keeps it under DDP); its position in the epoch is
-        saved in checkpoints, so a resumed run continues with the batch the interrupted one was at."""
-        trainer = self.trainer
-        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        sampler = ResumableSampler(self.train_set, num_replicas=replicas, rank=rank, shuffle=True, seed=self.hparams.seed)
+        saved in checkpoints, so a resumed run continues with the batch the interrupted one was at.
+
+        The shards are the strategy's data-parallel ones: under tensor parallelism the ranks of one
+        tensor-parallel group read the same batches."""
+        sharding = {"num_replicas": 1, "rank": 0}
+        if self.trainer is not None:
+            sharding = getattr(self.trainer.strategy, "distributed_sampler_kwargs", None) or sharding
+        sampler = ResumableSampler(self.train_set, num_replicas=sharding["num_replicas"], rank=sharding["rank"],
+                                   shuffle=True, seed=self.hparams.seed)
         return ResumableDataLoader(
             self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=True, num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0, collate_fn=default_collate,

@@ -21,11 +21,12 @@ class CausalLMModule(LanguageModelModule):
     config_class = GPT2Config
     auto_class = AutoModelForCausalLM
 
-    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.model.base_model(
+    @staticmethod
+    def model_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = model.base_model(
             input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False
         ).last_hidden_state
         labels = batch["labels"][:, 1:]
-        head = self.model.get_output_embeddings()
-        loss = self.model.lm_loss(hidden[:, :-1], head.weight, labels, head.bias)
-        return loss, self.predicted_tokens(labels)
+        head = model.get_output_embeddings()
+        loss = model.lm_loss(hidden[:, :-1], head.weight, labels, head.bias)
+        return loss, CausalLMModule.predicted_tokens(labels)

@@ -9,13 +9,19 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.throughput import measure_flops as count_flops
 from lightning.pytorch.plugins.precision import MixedPrecision
+from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
 from torchmetrics import MeanMetric
 from transformers import PretrainedConfig, PreTrainedModel, get_cosine_with_min_lr_schedule_with_warmup
 
 from ..errors import RecipeError
+from .grad_clip import clip_mixed_grad_norm_, mixes_dtensor_grads
 from .hf_models import build_hf_model, hf_classes
 from .lm_loss import IGNORE_INDEX, LMHeadLoss
 
+
+LOSS_FORWARD = "slapo_model_loss"
+"""The attribute of a sharded model under which FSDP2 knows the loss as a forward method."""
 
 FUSED_ADAMW_DEVICES = ("cpu", "cuda")
 """Where ``fused_adamw=None`` picks torch's fused AdamW kernel: one pass over each parameter
@@ -30,8 +36,12 @@ class LanguageModelModule(pl.LightningModule):
 
     Subclasses set ``model_class``/``config_class`` (the default architecture), ``auto_class`` (the
     HF Auto class that finds the model class of another ``model_type``, or of a pretrained
-    directory's config) and implement ``loss(batch) -> (loss, n)``, ``n`` being the number of
-    predicted tokens as a 0-d tensor (validation loss is averaged per token).
+    directory's config) and implement ``model_loss(model, batch) -> (loss, n)``, ``n`` being the
+    number of predicted tokens as a 0-d tensor (validation loss is averaged per token).
+
+    The loss reads the head's weight next to the base model's output, outside ``model.forward``.
+    Under FSDP2 (a schedule's ``fully_shard`` of the whole model) it is therefore registered as one
+    of the model's forward methods, so the root's parameters are gathered for it as for ``forward``.
     """
 
     model_class: type[PreTrainedModel]
@@ -80,8 +90,19 @@ class LanguageModelModule(pl.LightningModule):
                 "lower data.seq_len or pick a larger model.size"
             )
 
-    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    @staticmethod
+    def model_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``model_loss`` of ``self.model``, as an FSDP2 forward method when the model is sharded."""
+        model = self.model
+        if not isinstance(model, FSDPModule):
+            return self.model_loss(model, batch)
+        if LOSS_FORWARD not in vars(model):
+            setattr(model, LOSS_FORWARD, functools.partial(self.model_loss, model))
+            register_fsdp_forward_method(model, LOSS_FORWARD)
+        return getattr(model, LOSS_FORWARD)(batch)
 
     @staticmethod
     def predicted_tokens(labels: torch.Tensor) -> torch.Tensor:
@@ -124,15 +145,20 @@ class LanguageModelModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()
         self.val_loss.reset()
-        self.log("val/loss", loss, prog_bar=True)
-        self.log("val/ppl", torch.exp(loss), prog_bar=True)
+        # the metric is already reduced over ranks: sync_dist only averages equal values (and says so)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("val/ppl", torch.exp(loss), prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         params = [p for p in self.parameters() if p.requires_grad]
+        # one kind of tensor per group: fused and foreach kernels refuse DTensors (tensor-parallel
+        # layers) mixed with plain tensors (the replicated rest)
         groups = [
-            {"params": [p for p in params if p.ndim >= 2], "weight_decay": hp.weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+            {"params": chosen, "weight_decay": decay}
+            for decay, matrices in ((hp.weight_decay, True), (0.0, False))
+            for distributed in (False, True)
+            if (chosen := [p for p in params if (p.ndim >= 2) == matrices and isinstance(p, DTensor) == distributed])
         ]
         fused = self._fused_adamw(params)
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), fused=fused)
@@ -145,6 +171,16 @@ class LanguageModelModule(pl.LightningModule):
             min_lr_rate=hp.min_lr_ratio,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Lightning's clipping, and by norm also where tensor parallelism leaves some gradients
+        DTensors and others plain (which torch's ``clip_grad_norm_`` refuses)."""
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and mixes_dtensor_grads(params):
+            clip_mixed_grad_norm_(params, gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def _fused_adamw(self, params: list[torch.nn.Parameter]) -> bool:
         """``fused_adamw`` if set, else fused where the device has the kernel, unless Lightning is to

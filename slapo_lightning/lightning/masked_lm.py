@@ -19,15 +19,16 @@ class MaskedLMModule(LanguageModelModule):
     model_class = BertForMaskedLM
     config_class = BertConfig
 
-    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.model.bert(
+    @staticmethod
+    def model_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = model.bert(
             input_ids=batch["input_ids"],
             attention_mask=batch.get("attention_mask"),
             token_type_ids=batch.get("token_type_ids"),
         ).last_hidden_state
         labels = batch["labels"]
         predicted = labels != IGNORE_INDEX
-        head = self.model.cls.predictions
+        head = model.cls.predictions
         hidden = head.transform(hidden[predicted])
-        loss = self.model.lm_loss(hidden, head.decoder.weight, labels[predicted], head.decoder.bias)
+        loss = model.lm_loss(hidden, head.decoder.weight, labels[predicted], head.decoder.bias)
         return loss, predicted.sum()

@@ -5,7 +5,9 @@ otherwise depend on how many numbers were drawn since the process started, which
 from a checkpoint cannot reproduce. ``StepSeed`` seeds torch (CPU and every CUDA device) before
 each training batch from ``(seed, rank, batch number)``: the batch number is Lightning's own
 (``fit_loop.total_batch_idx``, restored from checkpoints), so step ``n`` of a resumed run draws
-what step ``n`` of the uninterrupted run drew; ranks draw different dropout masks.
+what step ``n`` of the uninterrupted run drew; data-parallel ranks draw different dropout masks.
+The ranks of one tensor-parallel group draw alike: their replicated activations (embeddings,
+residual stream) must stay identical, or the group computes no model at all.
 """
 from __future__ import annotations
 
@@ -31,4 +33,5 @@ class StepSeed(Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
-        torch.manual_seed(step_seed(seed, trainer.global_rank, trainer.fit_loop.total_batch_idx))
+        rank = (getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}).get("rank", trainer.global_rank)
+        torch.manual_seed(step_seed(seed, rank, trainer.fit_loop.total_batch_idx))
