@@ -28,6 +28,12 @@ def unknown(what: str, name: object, valid: Iterable[object], *, did_you_mean: b
     return f"unknown {what} {name!r}{guess}; valid: {listed}{' ' + more if more else ''}"
 
 
+class NoMatch(Exception):
+    """A step found nothing to act on (a pattern without match, a target path without module, a
+    layer with no tensor-parallel plan): an optional pass skips that module and says why, a
+    required one raises a SpecError naming pass, module and step."""
+
+
 class ScheduleError(Exception):
     """Base class of every error slapo_lightning raises on bad input or a failed schedule step."""
 

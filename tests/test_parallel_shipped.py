@@ -1,4 +1,4 @@
-"""The shipped BERT and GPT-2 schedules under a device mesh (2 gloo processes): one file for
+"""The shipped BERT and GPT-2 schedules, and the ``auto`` schedule on a Llama, under a device mesh (2 gloo processes): one file for
 every strategy. Tensor parallelism and FSDP2 passes apply where the mesh has those dimensions,
 the passes whose ops need whole weights are skipped there, and training equals one unscheduled
 process; without a mesh the parallel passes are skipped and the rest applies as before."""
@@ -16,12 +16,17 @@ import torch
 HERE = Path(__file__).resolve().parent
 SCHEDULES = HERE.parent / "slapo_lightning" / "configs" / "schedule"
 STEPS = 2
+SCHEDULE_OF = {"bert": "bert", "gpt2": "gpt2"}  # every other architecture: the auto schedule
 
 
 def model(name: str):
     import transformers as tf
 
     torch.manual_seed(0)
+    if name not in ("bert", "gpt2"):
+        import decoder_models
+
+        return decoder_models.build(name, "sdpa")
     if name == "bert":
         return tf.BertForMaskedLM(tf.BertConfig(vocab_size=101, hidden_size=32, num_hidden_layers=2,
                                                 num_attention_heads=4, intermediate_size=64, hidden_dropout_prob=0.0,
@@ -61,14 +66,17 @@ def worker(name: str, dp: int, tp: int, out: Path) -> None:
     dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("data_parallel", "tensor_parallel"))
     m = model(name)
-    report = slapo.apply_schedule(m, str(SCHEDULES / f"{name}.yaml"), device_mesh=mesh)
+    report = slapo.apply_schedule(m, str(SCHEDULES / f"{SCHEDULE_OF.get(name, 'auto')}.yaml"), device_mesh=mesh)
     losses = train(m, [batch(mesh["data_parallel"].get_local_rank())])
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, losses)
     state = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone() for k, v in m.state_dict().items()}
     reloaded = reload_full_checkpoint(m, name, mesh)
+    sharded = sorted(k for k, v in m.state_dict().items() if isinstance(v, DTensor) and k.endswith("weight"))
+    skipped = {s.path: s.reason for p in report.passes if p.name == "tensor_parallel" for s in p.skipped}
     if dist.get_rank() == 0:
-        torch.save({"losses": gathered, "state": state, "applied": report.applied, "reloaded": reloaded}, out)
+        torch.save({"losses": gathered, "state": state, "applied": report.applied, "reloaded": reloaded,
+                    "sharded": sharded, "tp_skipped": skipped}, out)
     dist.barrier()  # no rank leaves while another still talks to it (gloo aborts)
     dist.destroy_process_group()
 
@@ -84,7 +92,7 @@ def reload_full_checkpoint(trained, name: str, mesh) -> float:
     checkpoint = get_model_state_dict(trained, options=full)
     fresh = model(name)
     fresh.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
-    slapo.apply_schedule(fresh, str(SCHEDULES / f"{name}.yaml"), device_mesh=mesh)
+    slapo.apply_schedule(fresh, str(SCHEDULES / f"{SCHEDULE_OF.get(name, 'auto')}.yaml"), device_mesh=mesh)
     set_model_state_dict(fresh, checkpoint, options=full)
     with torch.no_grad():
         inputs = batch(0)
@@ -134,24 +142,50 @@ def launch(name: str, dp: int, tp: int, out: Path) -> dict:
     return torch.load(out, weights_only=False)
 
 
-CASES = [("bert", 1, 2), ("bert", 2, 1), ("gpt2", 1, 2), ("gpt2", 2, 1)]
+CASES = [("bert", 1, 2), ("bert", 2, 1), ("gpt2", 1, 2), ("gpt2", 2, 1), ("llama", 1, 2), ("llama", 2, 1)]
+
+
+def assert_trains_like_one_process(name: str, dp: int, result: dict) -> None:
+    reference = model(name)
+    expected = train(reference, [batch(r) for r in range(dp)])
+    per_rank = torch.tensor(result["losses"]).reshape(dp, -1, STEPS)[:, 0]
+    torch.testing.assert_close(per_rank.mean(0), torch.tensor(expected), rtol=1e-5, atol=1e-6)
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(result["state"][key], value, rtol=1e-4, atol=1e-6, msg=lambda m: f"{key}: {m}")
+    assert result["reloaded"] < 1e-6, "a full checkpoint reloads into a freshly scheduled model"
+
+
+LEFT_WHOLE = {  # architecture -> the layer weights the megatron plan shards (the rest computes something else sharded)
+    "olmo2": {"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"},  # q_norm/k_norm normalise all of q's features
+    "phi3": set(),  # qkv_proj and gate_up_proj are split by fixed sizes
+}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("name", [pytest.param("olmo2", marks=pytest.mark.ci), "phi3"])
+def test_auto_tensor_parallel_leaves_whole_what_would_compute_something_else(name, tmp_path):
+    result = launch(name, 1, 2, tmp_path / "out.pt")
+    assert_trains_like_one_process(name, 1, result)
+    layer_weights = {k.split("layers.0.", 1)[1] for k in result["sharded"] if "layers.0." in k}
+    assert layer_weights == {f"{w}.weight" for w in LEFT_WHOLE[name]}
+    if not LEFT_WHOLE[name]:
+        assert "computes something else on its example input" in result["tp_skipped"]["model.layers.0"]
 
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("name,dp,tp", CASES, ids=[f"{n}-dp{d}-tp{t}" for n, d, t in CASES])
 def test_shipped_schedule_under_a_mesh_trains_like_one_process(name, dp, tp, tmp_path):
     result = launch(name, dp, tp, tmp_path / "out.pt")
-    reference = model(name)
-    expected = train(reference, [batch(r) for r in range(dp)])
-    per_rank = torch.tensor(result["losses"]).reshape(dp, tp, -1)[:, 0]
-    torch.testing.assert_close(per_rank.mean(0), torch.tensor(expected), rtol=1e-5, atol=1e-6)
-    for key, value in reference.state_dict().items():
-        torch.testing.assert_close(result["state"][key], value, rtol=1e-4, atol=1e-6, msg=lambda m: f"{key}: {m}")
-    assert result["reloaded"] < 1e-6, "a full checkpoint reloads into a freshly scheduled model"
+    assert_trains_like_one_process(name, dp, result)
     if tp > 1:
         assert "tensor_parallel" in result["applied"]
-        assert not {"fused_qkv", "fused_mlp"} & set(result["applied"]), "ops needing whole weights are skipped"
+        assert not {"fused_qkv", "fused_mlp", "gated_mlp"} & set(result["applied"]), "ops needing whole weights are skipped"
         assert "flash_attention" in result["applied"], "attention on local heads"
+        if name == "llama":  # the megatron plan read off the dataflow: every projection sharded
+            assert {k.split("layers.0.", 1)[1] for k in result["sharded"] if "layers.0." in k} == {
+                f"{p}.weight" for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                        "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
     else:
         assert {"fsdp_layers", "fsdp_root"} <= set(result["applied"])
         assert not {"fused_qkv", "fused_mlp", "bias_dropout_add_layer_norm"} & set(result["applied"]), \
@@ -168,7 +202,7 @@ def test_a_pass_keeping_keys_by_hooks_is_refused_under_a_mesh(tmp_path):
 def test_without_a_mesh_the_shipped_parallel_passes_are_skipped(name):
     import slapo_lightning as slapo
 
-    report = slapo.apply_schedule(model(name), str(SCHEDULES / f"{name}.yaml"))
+    report = slapo.apply_schedule(model(name), str(SCHEDULES / f"{SCHEDULE_OF.get(name, 'auto')}.yaml"))
     parallel = [p for p in report.passes if p.name in ("tensor_parallel", "fsdp_layers", "fsdp_root")]
     assert parallel and all(p.status == "skipped" and "no device mesh" in p.skipped[0].reason for p in parallel)
     assert "flash_attention" in report.applied

@@ -37,8 +37,10 @@ def test_llama_recipe_trains_with_every_pass_verified_on_the_first_batch(tmp_pat
     assert result["global_step"] == 3
     report = json.loads(report_path.read_text())
     applied = {p["name"]: len(p["changes"]) for p in report["passes"]}
-    assert applied == {"rms_norm": 2, "fused_qkv": 2, "rope": 2, "flash_attention": 2, "gated_mlp": 2,
-                       "fused_mlp": 0, "fused_cross_entropy": 1, "checkpoint": 0}, applied
+    assert applied == {"tensor_parallel": 0, "rms_norm": 2, "fused_qkv": 2, "rope": 2, "flash_attention": 2,
+                       "gated_mlp": 2, "fused_mlp": 0, "fused_cross_entropy": 1, "checkpoint": 0, "fsdp_layers": 0,
+                       "fsdp_root": 0}, applied
+    assert {p["name"]: p["status"] for p in report["passes"]}["fsdp_root"] == "skipped", "no mesh on one device"
 
 
 @pytest.mark.slow

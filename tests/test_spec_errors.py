@@ -83,6 +83,15 @@ def test_parameter_references_must_exist_and_parameters_must_be_used():
     assert "unknown key 'causel'" in message
 
 
+def test_tensor_parallel_plan_and_style_names_are_checked_when_the_spec_is_read():
+    """Without a mesh the step would be skipped; the typo is still named now, not on the cluster."""
+    message = error(spec(tp={"steps": [{"parallelize": {"plan": "megatorn"}}]}))
+    assert "pass 'tp' step 1 (parallelize): unknown tensor-parallel plan 'megatorn' (did you mean 'megatron'?)" in message
+    message = error(spec(tp={"steps": [{"parallelize": {"plan": {"mlp.fc1": "colwse", "mlp.fc2": {"style": "rowwise"}}}}]}))
+    assert "unknown parallel style 'colwse' (did you mean 'colwise'" in message
+    assert message.count("unknown parallel style") == 1, "the valid {style: rowwise} entry is not a problem"
+
+
 def test_unknown_compiler_and_bad_types():
     body = {"select": ATTN, "steps": [{"fuse": {"pattern": "bias_gelu", "compiler": "inductr"}}]}
     message = error(spec(p=body))

@@ -297,9 +297,16 @@ def _check_built(cfg: DictConfig, plain: dict) -> None:
         keep = [c for c in callbacks if not _is_progress_bar(c)] if not kwargs.get("enable_progress_bar", True) else callbacks
         try:
             with _no_env_side_effects():
-                target(**kwargs, callbacks=keep, logger=False, default_root_dir=os.devnull)
+                trainer = target(**kwargs, callbacks=keep, logger=False, default_root_dir=os.devnull)
         except Exception as exc:  # noqa: BLE001 - Lightning's argument checks (MisconfigurationException, ValueError, ...)
             raise RecipeError(f"trainer: {one_line(exc)}") from None
+    for name, callback in zip([n for n, node in (cfg.get("callbacks") or {}).items() if node is not None], callbacks):
+        check = getattr(callback, "check_strategy", None)
+        if check is not None:
+            try:
+                check(trainer.strategy)
+            except ScheduleError as exc:
+                raise RecipeError(f"callbacks.{name}: {exc} (trainer.strategy is {type(trainer.strategy).__name__})") from None
 
 
 def _built(key: str, value: Any) -> Any:

@@ -94,8 +94,17 @@ class ScheduleCallback(Callback):
         return self._generate_state_key(target=self.target)
 
     # -- applying ----------------------------------------------------------------------------------
+    def check_strategy(self, strategy: Any) -> None:
+        """ScheduleError unless this callback can run under ``strategy`` (the CLI asks before launching)."""
+        _check_strategy(strategy)
+        if self.verify and isinstance(strategy, ModelParallelStrategy):
+            raise ScheduleError(
+                f"ScheduleCallback: verify={self.verify!r} compares with an unsharded copy in one process, which "
+                f"{type(strategy).__name__}'s sharded parameters and rank-reduced gradients cannot match; verify the "
+                "schedule on one device first (verify=false here)")
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        _check_strategy(trainer)
+        self.check_strategy(trainer.strategy)
         if isinstance(trainer.strategy, ModelParallelStrategy):
             self._apply_after_configure_model(trainer, pl_module)  # over the strategy's mesh, before optimizers
         elif _find(pl_module, self.target) is not None:
@@ -282,8 +291,7 @@ def _overrides_configure_model(pl_module: pl.LightningModule) -> bool:
     return is_overridden("configure_model", pl_module)
 
 
-def _check_strategy(trainer: pl.Trainer) -> None:
-    strategy = trainer.strategy
+def _check_strategy(strategy: Any) -> None:
     for cls in type(strategy).__mro__:
         if cls.__name__ in REFUSED_STRATEGIES:
             raise ScheduleError(f"ScheduleCallback does not support {type(strategy).__name__}: "

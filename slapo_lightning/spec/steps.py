@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch.fx as fx
 from torch import nn
 
-from ..errors import OpError, ReplaceError, SpecError, TraceError, unknown
+from ..errors import NoMatch, OpError, ReplaceError, SpecError, TraceError, unknown
 from ..core.pattern import Subgraph
 from ..core.edits import apply_everywhere
 from ..core.primitives.fuse import COMPILERS
@@ -27,10 +27,6 @@ from ..registry import Registry
 from ..report import StepRecord
 from .ops import Built, Match, build_op, resolve_op
 from .patterns import Group, for_each_match, resolve_pattern
-
-
-class NoMatch(Exception):
-    """A step found nothing to act on (a pattern without match, a target path without module)."""
 
 
 @dataclass(frozen=True)
@@ -396,7 +392,8 @@ def _in_every_variant(sch, kind: str, args: dict[str, Any], detail: str) -> Step
 # -- any other primitive -------------------------------------------------------------------------------
 
 def primitive_step(name: str) -> StepKind:
-    """A step that calls a registered primitive with keyword arguments checked against its signature."""
+    """A step that calls a registered primitive with keyword arguments checked against its signature
+    (and by the primitive's own ``check_args(args) -> [problem, ...]`` where it has one)."""
     fn = PRIMITIVES.get(name)
     params = list(inspect.signature(fn).parameters.values())[1:]
     spec = {p.name: Param(None if p.default is p.empty else p.default, p.default is p.empty)
@@ -410,7 +407,7 @@ def primitive_step(name: str) -> StepKind:
     if "mesh_dim" in spec:
         default = spec["mesh_dim"].default
         mesh_dim = lambda args: args.get("mesh_dim", default)  # noqa: E731
-    return StepKind(name, spec, run, mesh_dim=mesh_dim)
+    return StepKind(name, spec, run, check=getattr(fn, "check_args", None), mesh_dim=mesh_dim)
 
 
 def step_kind(name: str) -> StepKind:

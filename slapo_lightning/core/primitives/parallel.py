@@ -8,13 +8,17 @@ A module torch's styles cannot shard correctly is refused with the reason, never
 """
 from __future__ import annotations
 
+import logging
+from functools import partial
 from typing import Any, Callable
 
 from torch import nn
 
-from ...errors import ScheduleError, unknown
+from ...errors import NoMatch, ScheduleError, unknown
 from ...registry import Registry
 from .registry import register_primitive
+
+log = logging.getLogger("slapo_lightning")
 
 TENSOR_PARALLEL = "tensor_parallel"
 DATA_PARALLEL = "data_parallel"
@@ -73,20 +77,71 @@ def why_not_applicable(sch, dim: str) -> str | None:
 
 
 @register_primitive("parallelize")
-def parallelize(sch, plan: dict[str, Any], mesh_dim: str = TENSOR_PARALLEL, local_sizes: list[str] | None = None) -> bool:
+def parallelize(sch, plan: dict[str, Any] | str, mesh_dim: str = TENSOR_PARALLEL, local_sizes: list[str] | None = None,
+                check: bool = True) -> bool:
     """Tensor-parallelise ``sch.mod`` by ``plan`` (child path or glob -> style name, e.g.
     ``{"self_attn.q_proj": "colwise", "self_attn.o_proj": "rowwise"}``) over ``mesh_dim``.
 
-    A plan value may be ``{style: colwise, blocks: 3}`` for a projection whose output is ``blocks``
-    tensors side by side (GPT-2's ``c_attn``: q, k, v): each rank then holds its share of every
-    block. ``local_sizes`` names integer attributes (``attn.split_size``) the module's code splits
-    by, which become per-rank sizes. Transposed Linears (HF's ``Conv1D``) take the same styles.
+    ``plan`` may instead name a plan read off the module's dataflow (``"megatron"``, see
+    ``tensor_plan.py``), for one schedule over every architecture. A plan value may be
+    ``{style: colwise, blocks: 3}`` for a projection whose output is ``blocks`` tensors side by
+    side (GPT-2's ``c_attn``: q, k, v): each rank then holds its share of every block.
+    ``local_sizes`` names integer attributes (``attn.split_size``) the module's code splits by,
+    which become per-rank sizes. Transposed Linears (HF's ``Conv1D``) take the same styles.
+    With ``check`` the module is run on its recorded input before and after: a sharding that
+    changes its outputs is undone and the module reported as left whole.
     """
     mesh = mesh_dimension(sch, mesh_dim)
     if mesh is None:
         return False
+    from .tensor_plan import TENSOR_PLANS, keep_if_same_outputs
+
+    what = f"the {plan!r} plan" if isinstance(plan, str) else "this plan"
+    groups = TENSOR_PLANS.get(plan)(sch) if isinstance(plan, str) else [plan]
+    left_whole = []
+    for index, group in enumerate(groups):
+        shard = partial(_shard, sch, mesh, _styles_for(sch, group, mesh.size()), local_sizes if index == 0 else ())
+        if not check:
+            shard()
+            continue
+        try:
+            keep_if_same_outputs(sch, shard, mesh, what)
+        except NoMatch as exc:
+            left_whole.append(f"{', '.join(group)}: {exc}")
+    if left_whole and len(left_whole) == len(groups):
+        raise NoMatch("; ".join(left_whole))
+    for reason in left_whole:
+        log.info("slapo_lightning: parallelize at %s left %s", sch.path or "<root>", reason)
+    return True
+
+
+def _check_parallelize_args(args: dict[str, Any]) -> list[str]:
+    """Plan names and style names, checked when the spec is read (the mesh may only come later)."""
+    from .tensor_plan import TENSOR_PLANS
+
+    plan = args.get("plan")
+    if isinstance(plan, str):
+        return [] if plan in TENSOR_PLANS else [unknown("tensor-parallel plan", plan, TENSOR_PLANS.names(),
+                                                        more="(or a mapping of child path -> style)")]
+    if not isinstance(plan, dict):
+        return [f"argument 'plan' must be a plan name or a mapping of child path -> style, got {plan!r}"]
+    styles = [entry if isinstance(entry, str) else (entry or {}).get("style") for entry in plan.values()]
+    return [unknown("parallel style", style, PARALLEL_STYLES.names()) for style in styles if style not in PARALLEL_STYLES]
+
+
+parallelize.check_args = _check_parallelize_args
+
+
+def _shard(sch, mesh, styles: dict[str, Any], local_sizes) -> None:
     from torch.distributed.tensor.parallel import parallelize_module
 
+    for name in local_sizes or ():
+        _make_local(sch, name, mesh.size())
+    parallelize_module(sch.mod, mesh, styles)
+
+
+def _styles_for(sch, plan: dict[str, Any], ranks: int) -> dict[str, Any]:
+    """torch ParallelStyles by path relative to ``sch``, from a plan's (glob) paths and style names."""
     styles = {}
     for pattern, entry in plan.items():
         style, blocks = (entry, 1) if isinstance(entry, str) else (entry.get("style"), int(entry.get("blocks", 1)))
@@ -97,15 +152,12 @@ def parallelize(sch, plan: dict[str, Any], mesh_dim: str = TENSOR_PARALLEL, loca
             _check_shardable(target, style)
             relative = target.path[len(sch.path) + 1:] if sch.path else target.path
             if isinstance(target.mod, _transposed_linears()):
-                styles[relative] = transposed_style(style, blocks, mesh.size())
+                styles[relative] = transposed_style(style, blocks, ranks)
             elif blocks != 1:
                 raise ScheduleError(f"parallelize: {target.path}: 'blocks' is for transposed Linears (Conv1D)")
             else:
                 styles[relative] = PARALLEL_STYLES.get(style)()
-    for name in local_sizes or ():
-        _make_local(sch, name, mesh.size())
-    parallelize_module(sch.mod, mesh, styles)
-    return True
+    return styles
 
 
 def _transposed_linears() -> tuple[type, ...]:
