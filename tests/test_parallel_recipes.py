@@ -75,3 +75,33 @@ def test_recipe_trains_like_one_process_and_resumes_from_its_distributed_checkpo
     status = {p["name"]: p["status"] for p in report["passes"]}
     parallel_passes = {"fsdp": ("fsdp_layers", "fsdp_root"), "tp": ("tensor_parallel",)}[trainer]
     assert all(status[name] == "applied" for name in (*parallel_passes, "fused_cross_entropy")), status
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_llama_recipe_on_a_2x2_mesh_trains_like_one_process(tmp_path):
+    """``recipe=llama`` (the auto schedule: megatron plan, then FSDP2) on 4 ranks, data_parallel=2 x
+    tensor_parallel=2: global ranks 0 and 2 are the two data-parallel ranks."""
+    cache = tmp_path / "cache"
+    records = {name: tmp_path / name for name in ("one", "mesh")}
+
+    def cli(name: str, extra: list[str]):
+        args = [a for a in overrides("llama", tmp_path / f"{name}_run", cache, records[name])
+                if not a.startswith(("trainer=", "data.batch_size="))]
+        return run_cli(args + extra, tmp_path, timeout=900)
+
+    one = cli("one", ["trainer=cpu", "schedule=none", f"data.batch_size={2 * BATCH}"])
+    assert one.returncode == 0, one.stderr[-3000:]
+    mesh = cli("mesh", ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=4", f"data.batch_size={BATCH}",
+                        "trainer.strategy.data_parallel_size=2", "trainer.strategy.tensor_parallel_size=2"])
+    assert mesh.returncode == 0, mesh.stderr[-3000:]
+    reference = read(records["one"])
+    ranks = [read(records["mesh"], rank) for rank in range(4)]
+    for step in range(1, MAX_STEPS + 1):
+        assert ranks[0][step][0] == ranks[1][step][0] and ranks[2][step][0] == ranks[3][step][0], "one loss per TP group"
+        seen = (ranks[0][step][0] + ranks[2][step][0]) / 2
+        assert abs(seen - reference[step][0]) <= 2e-5 * reference[step][0], (step, seen, reference[step])
+    report = json.loads((tmp_path / "mesh_run" / "logs" / "schedule_report.json").read_text())
+    status = {p["name"]: p["status"] for p in report["passes"]}
+    assert all(status[name] == "applied" for name in ("tensor_parallel", "fsdp_layers", "fsdp_root",
+                                                       "flash_attention", "fused_cross_entropy")), status

@@ -7,6 +7,7 @@ from typing import Any, Mapping
 
 import lightning.pytorch as pl
 import torch
+from torch import nn
 from lightning.fabric.utilities.throughput import measure_flops as count_flops
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
@@ -15,7 +16,7 @@ from torchmetrics import MeanMetric
 from transformers import PretrainedConfig, PreTrainedModel, get_cosine_with_min_lr_schedule_with_warmup
 
 from ..errors import RecipeError
-from .grad_clip import clip_mixed_grad_norm_, mixes_dtensor_grads
+from .grad_clip import clip_mixed_grad_norm_, grads_on_several_meshes
 from .hf_models import build_hf_model, hf_classes
 from .lm_loss import IGNORE_INDEX, LMHeadLoss
 
@@ -152,13 +153,10 @@ class LanguageModelModule(pl.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         params = [p for p in self.parameters() if p.requires_grad]
-        # one kind of tensor per group: fused and foreach kernels refuse DTensors (tensor-parallel
-        # layers) mixed with plain tensors (the replicated rest)
         groups = [
             {"params": chosen, "weight_decay": decay}
             for decay, matrices in ((hp.weight_decay, True), (0.0, False))
-            for distributed in (False, True)
-            if (chosen := [p for p in params if (p.ndim >= 2) == matrices and isinstance(p, DTensor) == distributed])
+            for chosen in _by_mesh([p for p in params if (p.ndim >= 2) == matrices])
         ]
         fused = self._fused_adamw(params)
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), fused=fused)
@@ -174,10 +172,10 @@ class LanguageModelModule(pl.LightningModule):
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:
-        """Lightning's clipping, and by norm also where tensor parallelism leaves some gradients
-        DTensors and others plain (which torch's ``clip_grad_norm_`` refuses)."""
+        """Lightning's clipping, and by norm also where tensor parallelism leaves gradients on
+        several meshes, or some plain (which torch's ``clip_grad_norm_`` refuses)."""
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and mixes_dtensor_grads(params):
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and grads_on_several_meshes(params):
             clip_mixed_grad_norm_(params, gradient_clip_val)
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
@@ -198,6 +196,16 @@ class LanguageModelModule(pl.LightningModule):
         if choice is not None:
             return bool(choice)
         return not clips_mixed and all(p.device.type in FUSED_ADAMW_DEVICES for p in params)
+
+
+def _by_mesh(params: list[nn.Parameter]) -> list[list[nn.Parameter]]:
+    """``params`` split by device mesh (plain tensors together): fused and foreach kernels refuse
+    DTensors of different meshes, or DTensors mixed with plain tensors, in one group, which tensor
+    parallelism (sharded layers, replicated rest) and 2-D meshes produce."""
+    found: dict[Any, list[nn.Parameter]] = {}
+    for p in params:
+        found.setdefault(p.device_mesh if isinstance(p, DTensor) else None, []).append(p)
+    return list(found.values())
 
 
 def _set_fused(optimizer: torch.optim.Optimizer, fused: bool) -> None:

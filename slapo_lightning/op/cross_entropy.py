@@ -19,6 +19,7 @@ from torch import nn
 
 from .amp import autocast_inputs, autocast_off
 from ..errors import OpError
+from .distributed import whole
 from .matching import whole_module
 from .registry import register_op
 
@@ -177,8 +178,11 @@ def fused_linear_cross_entropy(
     ``chunk_size``: tokens per chunk, default ``default_chunk_size(vocab, softcap)``. The weight may
     be tied to the input embeddings: its gradient adds to theirs as any other use would. With every token
     ignored the loss is NaN and the gradients zero, as with ``F.cross_entropy``. Under autocast the
-    inputs are cast to the autocast dtype first, as ``F.linear`` would be.
+    inputs are cast to the autocast dtype first, as ``F.linear`` would be. DTensor inputs (a
+    vocabulary-parallel head under tensor parallelism) are gathered first, gradients flowing back
+    to the shards.
     """
+    hidden, weight, bias, labels = whole(hidden, weight, bias, labels)  # a vocabulary-parallel head, gathered
     if hidden.shape[:-1] != labels.shape:
         raise OpError(
             f"labels of shape {tuple(labels.shape)} do not match hidden states of shape {tuple(hidden.shape)} "
