@@ -142,7 +142,9 @@ def launch(name: str, dp: int, tp: int, out: Path) -> dict:
     return torch.load(out, weights_only=False)
 
 
-CASES = [("bert", 1, 2), ("bert", 2, 1), ("gpt2", 1, 2), ("gpt2", 2, 1), ("llama", 1, 2), ("llama", 2, 1)]
+CASES = [("bert", 1, 2), ("bert", 2, 1), ("gpt2", 1, 2), ("gpt2", 2, 1), ("llama", 1, 2), ("llama", 2, 1),
+         ("gpt2", 2, 2)]
+SLOW = {("gpt2", 2, 2)}  # 4 processes
 
 
 def assert_trains_like_one_process(name: str, dp: int, result: dict) -> None:
@@ -174,11 +176,14 @@ def test_auto_tensor_parallel_leaves_whole_what_would_compute_something_else(nam
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("name,dp,tp", CASES, ids=[f"{n}-dp{d}-tp{t}" for n, d, t in CASES])
+@pytest.mark.parametrize("name,dp,tp", [pytest.param(*c, marks=[pytest.mark.slow] if c in SLOW else [],
+                                                    id=f"{c[0]}-dp{c[1]}-tp{c[2]}") for c in CASES])
 def test_shipped_schedule_under_a_mesh_trains_like_one_process(name, dp, tp, tmp_path):
     result = launch(name, dp, tp, tmp_path / "out.pt")
     assert_trains_like_one_process(name, dp, result)
-    if tp > 1:
+    if dp > 1 and tp > 1:
+        assert {"tensor_parallel", "fsdp_layers", "fsdp_root"} <= set(result["applied"])
+    elif tp > 1:
         assert "tensor_parallel" in result["applied"]
         assert not {"fused_qkv", "fused_mlp", "gated_mlp"} & set(result["applied"]), "ops needing whole weights are skipped"
         assert "flash_attention" in result["applied"], "attention on local heads"
