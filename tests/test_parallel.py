@@ -31,6 +31,19 @@ SPEC = {"passes": {
 }}
 
 
+SEQUENCE_PLAN = {"input_layernorm": "sequence", "post_attention_layernorm": "sequence",
+                 "self_attn.q_proj": "colwise_from_sequence", "self_attn.k_proj": "colwise_from_sequence",
+                 "self_attn.v_proj": "colwise_from_sequence", "self_attn.o_proj": "rowwise_to_sequence",
+                 "mlp.gate_proj": "colwise_from_sequence", "mlp.up_proj": "colwise_from_sequence",
+                 "mlp.down_proj": "rowwise_to_sequence"}
+SEQUENCE_SPEC = {"passes": {
+    "sequence_parallel": {"select": LAYERS, "steps": [{"parallelize": {"plan": SEQUENCE_PLAN}}]},
+    "sequence_parallel_ends": {"steps": [{"parallelize": {"plan": {
+        "model.embed_tokens": "vocab_embedding_to_sequence", "model.norm": "sequence",
+        "lm_head": "colwise_from_sequence_gathered"}}}]},
+}}
+
+
 def llama():
     """The tiny Llama of the architecture fixtures (2 layers, 4 query / 2 key-value heads), on sdpa."""
     import decoder_models
@@ -66,7 +79,7 @@ def full_state(model) -> dict:
             for k, v in model.state_dict().items()}
 
 
-def worker(dp: int, tp: int, out: Path) -> None:
+def worker(dp: int, tp: int, out: Path, spec: dict = SPEC) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -77,7 +90,7 @@ def worker(dp: int, tp: int, out: Path) -> None:
     mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("data_parallel", "tensor_parallel"))
     model = llama()
     keys = list(model.state_dict())
-    report = slapo.apply_schedule(model, SPEC, device_mesh=mesh)
+    report = slapo.apply_schedule(model, spec, device_mesh=mesh)
     data_rank = mesh["data_parallel"].get_local_rank()
     losses = train(model, [batch(data_rank)])
     gathered = [None] * dist.get_world_size()
@@ -182,6 +195,15 @@ def test_2x2_mesh_tensor_parallel_and_fsdp_train_like_one_process(tmp_path):
     assert_same_run(result, dp=2)
 
 
+@pytest.mark.timeout(600)
+def test_sequence_parallel_2_trains_like_one_process(tmp_path):
+    """Norms on sequence shards, projections gathering / scattering the sequence, the embedding
+    scattering it and the head gathering it again (positions and masks see the whole sequence)."""
+    result = launch(1, 2, tmp_path / "sp.pt", mode="sequence")
+    assert result["status"] == {"sequence_parallel": "applied", "sequence_parallel_ends": "applied"}
+    assert_same_run(result, dp=1)
+
+
 def test_without_a_mesh_every_parallel_pass_is_skipped_and_reported():
     import slapo_lightning as slapo
 
@@ -204,5 +226,7 @@ def test_slapo_shard_and_sync_train_like_one_process_and_refuse_what_does_not_fi
 
 if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "--spec":
     worker(int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]))
+elif __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "--sequence":
+    worker(int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]), SEQUENCE_SPEC)
 elif __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "--slapo":
     slapo_style_worker(Path(sys.argv[4]))

@@ -36,14 +36,27 @@ def _styles():
         "rowwise": RowwiseParallel,
         "sequence": SequenceParallel,
         "colwise_from_sequence": lambda: ColwiseParallel(input_layouts=Shard(1)),
-        "rowwise_to_sequence": lambda: RowwiseParallel(output_layouts=Shard(1)),
+        # sequence-sharded activations stay DTensors: Hugging Face code reads the sequence length
+        # off them (positions, masks), which must be the whole one
+        "rowwise_to_sequence": lambda: RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
         "colwise_gathered": lambda: ColwiseParallel(output_layouts=Replicate()),
+        "colwise_from_sequence_gathered": lambda: ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()),
         "vocab_embedding": lambda: RowwiseParallel(input_layouts=Replicate()),
+        "vocab_embedding_to_sequence": lambda: RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1),
+                                                               use_local_output=False),
     }
 
 
-def register_parallel_style(name: str, factory: Callable[[], Any]) -> None:
+SEQUENCE_STYLES = {"sequence", "colwise_from_sequence", "rowwise_to_sequence", "colwise_from_sequence_gathered",
+                   "vocab_embedding_to_sequence"}
+"""Styles that change what the module takes or gives (activations sharded along the sequence):
+a module sharded with them cannot be checked alone on its recorded (whole) input."""
+
+
+def register_parallel_style(name: str, factory: Callable[[], Any], changes_layout: bool = False) -> None:
     PARALLEL_STYLES.register(name, factory)
+    if changes_layout:
+        SEQUENCE_STYLES.add(name)
 
 
 for _name, _factory in _styles().items():
@@ -89,7 +102,8 @@ def parallelize(sch, plan: dict[str, Any] | str, mesh_dim: str = TENSOR_PARALLEL
     ``local_sizes`` names integer attributes (``attn.split_size``) the module's code splits by,
     which become per-rank sizes. Transposed Linears (HF's ``Conv1D``) take the same styles.
     With ``check`` the module is run on its recorded input before and after: a sharding that
-    changes its outputs is undone and the module reported as left whole.
+    changes its outputs is undone and the module reported as left whole (not for sequence
+    parallelism, whose modules then take and give sequence shards instead).
     """
     mesh = mesh_dimension(sch, mesh_dim)
     if mesh is None:
@@ -101,7 +115,7 @@ def parallelize(sch, plan: dict[str, Any] | str, mesh_dim: str = TENSOR_PARALLEL
     left_whole = []
     for index, group in enumerate(groups):
         shard = partial(_shard, sch, mesh, _styles_for(sch, group, mesh.size()), local_sizes if index == 0 else ())
-        if not check:
+        if not check or _styles_named(group) & SEQUENCE_STYLES:
             shard()
             continue
         try:
@@ -130,6 +144,10 @@ def _check_parallelize_args(args: dict[str, Any]) -> list[str]:
 
 
 parallelize.check_args = _check_parallelize_args
+
+
+def _styles_named(plan: dict[str, Any]) -> set[str]:
+    return {entry if isinstance(entry, str) else (entry or {}).get("style") for entry in plan.values()}
 
 
 def _shard(sch, mesh, styles: dict[str, Any], local_sizes) -> None:
