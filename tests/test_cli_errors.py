@@ -95,8 +95,6 @@ UP_FRONT = [
     (["trainer=tp", "trainer.devices=3", "trainer.strategy.tensor_parallel_size=2"],
      "trainer.strategy: data_parallel_size=1 x tensor_parallel_size=2 = 2 ranks, but trainer.devices=3 x "
      "trainer.num_nodes=1 start 3"),
-    (["trainer=tp", "callbacks.schedule.verify=true"],
-     "callbacks.schedule: ScheduleCallback: verify='first_batch' compares with an unsharded copy in one process"),
     (["trainer=fsdp", "trainer.strategy.data_parallel_size=zero"],
      "bad value trainer.strategy.data_parallel_size='zero': ModelParallelStrategy takes one of 'auto' or an integer"),
     # -- callbacks ------------------------------------------------------------------------------------

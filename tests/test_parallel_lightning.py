@@ -50,9 +50,10 @@ def make_module():
             self.losses: list[float] = []
 
         def training_step(self, batch, batch_idx):
-            loss = self.model(**batch).loss
-            self.losses.append(loss.item())
-            return loss
+            return self.model(**batch).loss
+
+        def on_train_batch_end(self, outputs, batch, batch_idx):  # not in training_step: verification runs that
+            self.losses.append(float(outputs["loss"]))
 
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=LR, momentum=0.9)
@@ -87,7 +88,12 @@ def loader(dp_rank: int, dp: int) -> Loader:
     return Loader(batches()[dp_rank::dp])
 
 
-def run(dp: int, tp: int, out: Path, max_steps: int, ckpt: str | None, full: bool) -> None:
+def loosen_final_norm(sch) -> None:
+    """A user's pass that changes what the model computes (keys unchanged): verification must see it."""
+    sch.mod.model.norm.variance_epsilon = 0.5
+
+
+def run(dp: int, tp: int, out: Path, max_steps: int, ckpt: str | None, full: bool, verify: bool) -> None:
     import lightning.pytorch as pl
     from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -96,7 +102,8 @@ def run(dp: int, tp: int, out: Path, max_steps: int, ckpt: str | None, full: boo
     strategy = ModelParallelStrategy(data_parallel_size=dp, tensor_parallel_size=tp,
                                      save_distributed_checkpoint=not full)
     module = make_module()
-    callback = slapo.ScheduleCallback(str(out / "spec.yaml"), print_report=False, report_path=str(out / "report.json"))
+    callback = slapo.ScheduleCallback(str(out / "spec.yaml"), print_report=False, report_path=str(out / "report.json"),
+                                      verify=verify)
 
     class Data(pl.LightningDataModule):
         def train_dataloader(self):
@@ -111,14 +118,22 @@ def run(dp: int, tp: int, out: Path, max_steps: int, ckpt: str | None, full: boo
         (out / "losses.json").write_text(json.dumps(module.losses))
 
 
-def launch(dp: int, tp: int, out: Path, max_steps: int, ckpt: Path | None = None, full: bool = False) -> list[float]:
+def start(dp: int, tp: int, out: Path, max_steps: int, ckpt: Path | None = None, full: bool = False,
+          verify: bool = False, perturb: bool = False) -> subprocess.CompletedProcess:
     out.mkdir(parents=True, exist_ok=True)
-    write_spec(out)
+    write_spec(out, perturb)
     env = {**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, __file__, str(dp), str(tp), str(out), str(max_steps), str(ckpt or ""),
-                           "full" if full else "distributed"], capture_output=True, text=True, timeout=500, env=env,
-                          cwd=out)
+    return subprocess.run([sys.executable, __file__, str(dp), str(tp), str(out), str(max_steps), str(ckpt or ""),
+                           "full" if full else "distributed", "verify" if verify else "-"], capture_output=True,
+                          text=True, timeout=500, env=env, cwd=out)
+
+
+def launch(dp: int, tp: int, out: Path, max_steps: int, ckpt: Path | None = None, full: bool = False,
+           verify: bool = False) -> list[float]:
+    done = start(dp, tp, out, max_steps, ckpt, full, verify)
     assert done.returncode == 0, done.stderr[-4000:]
+    if verify:
+        assert "first-batch verification of 'model' passed" in done.stdout + done.stderr
     return json.loads((out / "losses.json").read_text())
 
 
@@ -138,9 +153,10 @@ def reference_losses(dp: int, steps: int) -> list[float]:
     return rank0
 
 
-def write_spec(out: Path) -> None:
+def write_spec(out: Path, perturb: bool = False) -> None:
     """Tensor parallelism for the layers, then FSDP2 for the layers and the root: one spec for
-    every mesh (a pass whose mesh dimension is 1 is skipped)."""
+    every mesh (a pass whose mesh dimension is 1 is skipped); ``perturb`` adds a pass that changes
+    what the model computes."""
     import yaml
 
     plan = {"self_attn.q_proj": "colwise", "self_attn.k_proj": "colwise", "self_attn.v_proj": "colwise",
@@ -149,12 +165,13 @@ def write_spec(out: Path) -> None:
     (out / "spec.yaml").write_text(yaml.safe_dump({"passes": {
         "tensor_parallel": {"select": "model.layers.*", "steps": [{"parallelize": {"plan": plan}}]},
         "fsdp_layers": {"select": "model.layers.*", "steps": [{"fully_shard": {}}]},
-        "fsdp_root": {"steps": [{"fully_shard": {}}]}}}))
+        "fsdp_root": {"steps": [{"fully_shard": {}}]},
+        **({"loosen": {"fn": "test_parallel_lightning.loosen_final_norm"}} if perturb else {})}}))
 
 
 @pytest.mark.timeout(900)
 def test_tensor_parallel_fit_matches_one_process_and_its_full_checkpoint_loads_into_a_plain_model(tmp_path):
-    losses = launch(1, 2, tmp_path / "tp", max_steps=3, full=True)
+    losses = launch(1, 2, tmp_path / "tp", max_steps=3, full=True, verify=True)
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference_losses(1, 3)), rtol=1e-6, atol=1e-6)
     report = json.loads((tmp_path / "tp" / "report.json").read_text())
     assert {p["name"]: p["status"] for p in report["passes"]} == {
@@ -163,6 +180,18 @@ def test_tensor_parallel_fit_matches_one_process_and_its_full_checkpoint_loads_i
     plain = make_module()
     plain.load_state_dict(state, strict=True)
     assert list(state) == list(make_module().state_dict())
+
+
+@pytest.mark.timeout(900)
+def test_first_batch_verification_under_fsdp_passes_and_catches_a_pass_that_changes_the_model(tmp_path):
+    """The sharded model's outputs and gradients (averaged over the data-parallel ranks) against an
+    unsharded copy on each rank's batch; a pass that changes the computation stops every rank."""
+    losses = launch(2, 1, tmp_path / "fsdp", max_steps=1, verify=True)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference_losses(2, 1)), rtol=1e-6, atol=1e-6)
+    broken = start(2, 1, tmp_path / "broken", max_steps=1, verify=True, perturb=True)
+    assert broken.returncode != 0
+    assert "scheduled model differs from the original" in broken.stderr, broken.stderr[-3000:]
+    assert "verify the schedule on one device" in broken.stderr
 
 
 @pytest.mark.slow
@@ -176,6 +205,6 @@ def test_fsdp_fit_matches_one_process_and_resumes_exactly(tmp_path):
     torch.testing.assert_close(torch.tensor(first + resumed), torch.tensor(losses), rtol=1e-6, atol=1e-6)
 
 
-if __name__ == "__main__" and len(sys.argv) == 7:
-    dp_, tp_, out_, steps_, ckpt_, kind_ = sys.argv[1:]
-    run(int(dp_), int(tp_), Path(out_), int(steps_), ckpt_ or None, kind_ == "full")
+if __name__ == "__main__" and len(sys.argv) == 8:
+    dp_, tp_, out_, steps_, ckpt_, kind_, verify_ = sys.argv[1:]
+    run(int(dp_), int(tp_), Path(out_), int(steps_), ckpt_ or None, kind_ == "full", verify_ == "verify")

@@ -1,12 +1,21 @@
-"""Numerical equivalence of a scheduled model and the original: outputs and gradients."""
+"""Numerical equivalence of a scheduled model and the original: outputs and gradients.
+
+A scheduled model sharded over a device mesh (DTensor parameters, gradients and outputs) is
+compared whole: each DTensor is gathered first, on every rank in the same order."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from ..errors import VerificationError
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def _tensor_leaves(value: Any, name: str = "output") -> dict[str, torch.Tensor]:
@@ -40,12 +49,18 @@ def _parameter_keys(model: nn.Module) -> list[str]:
 
 def _grads_by_key(model: nn.Module) -> dict[str, torch.Tensor]:
     """Gradients under the model's state_dict keys (so merged ops report the original names)."""
+    from torch.distributed.tensor import DTensor
+
+    state = model.state_dict(keep_vars=True)
+    if any(isinstance(v, DTensor) for v in state.values()):  # sharded: keys are the parameters' own
+        return {k: _whole(v.grad if v.grad is not None else torch.zeros_like(v)).clone()
+                for k, v in state.items() if isinstance(v, nn.Parameter)}
     params = list(model.parameters())
     saved = [p.data for p in params]
     try:
         for p in params:
             p.data = p.grad if p.grad is not None else torch.zeros_like(p)
-        return {k: v.clone() for k, v in model.state_dict().items()}
+        return {k: _whole(v).clone() for k, v in model.state_dict().items()}
     finally:
         for p, data in zip(params, saved):
             p.data = data
@@ -62,7 +77,7 @@ def _run(model: nn.Module, example_inputs: Any, seed: int, grads: bool):
                    for t in outputs.values() if t.requires_grad and t.is_floating_point())
         if isinstance(loss, torch.Tensor):
             loss.backward()
-    return {k: v.detach() for k, v in outputs.items()}
+    return {k: _whole(v.detach()) for k, v in outputs.items()}
 
 
 def _error(a: torch.Tensor, b: torch.Tensor, rtol: float, atol: float) -> tuple[bool, float]:
@@ -75,11 +90,15 @@ def _error(a: torch.Tensor, b: torch.Tensor, rtol: float, atol: float) -> tuple[
 
 
 def verify(original: nn.Module, scheduled: nn.Module, example_inputs: Any, grads: bool = True,
-           rtol: float = 1e-5, atol: float = 1e-6, seed: int = 0) -> dict[str, float]:
+           rtol: float = 1e-5, atol: float = 1e-6, seed: int = 0,
+           reference_grads: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+           ) -> dict[str, float]:
     """Run both models in eval mode with the same seed; compare outputs and parameter grads.
 
-    Gradients are matched by the original model's parameter names. Returns the max abs error per
-    compared tensor; raises ``VerificationError`` naming the worst mismatches.
+    Gradients are matched by the original model's parameter names. ``reference_grads`` maps the
+    original's gradients before they are compared (under data parallelism: averaged over the
+    ranks, as the sharded model's are). Returns the max abs error per compared tensor; raises
+    ``VerificationError`` naming the worst mismatches.
     """
     modes = [(m, m.training) for m in (original, scheduled)]
     try:
@@ -88,6 +107,8 @@ def verify(original: nn.Module, scheduled: nn.Module, example_inputs: Any, grads
             scheduled.eval()
             out_a = _run(original, example_inputs, seed, grads)
             grads_a = _grads_by_key(original) if grads else {}
+            if grads and reference_grads is not None:
+                grads_a = reference_grads(grads_a)
             out_b = _run(scheduled, example_inputs, seed, grads)
             grads_b = _grads_by_key(scheduled) if grads else {}
     finally:

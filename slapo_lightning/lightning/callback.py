@@ -97,11 +97,6 @@ class ScheduleCallback(Callback):
     def check_strategy(self, strategy: Any) -> None:
         """ScheduleError unless this callback can run under ``strategy`` (the CLI asks before launching)."""
         _check_strategy(strategy)
-        if self.verify and isinstance(strategy, ModelParallelStrategy):
-            raise ScheduleError(
-                f"ScheduleCallback: verify={self.verify!r} compares with an unsharded copy in one process, which "
-                f"{type(strategy).__name__}'s sharded parameters and rank-reduced gradients cannot match; verify the "
-                "schedule on one device first (verify=false here)")
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.check_strategy(trainer.strategy)
@@ -195,7 +190,8 @@ class ScheduleCallback(Callback):
             return
         error: BaseException | None = None
         try:
-            self._verify_first_batch(pl_module, original, batch, batch_idx)
+            mesh = trainer.strategy.device_mesh if isinstance(trainer.strategy, ModelParallelStrategy) else None
+            self._verify_first_batch(pl_module, original, batch, batch_idx, mesh)
         except Exception as exc:  # noqa: BLE001 - re-raised below, after every rank has agreed
             error = exc
         # Under DDP each rank verifies its own batch: a rank that raised alone would leave the others
@@ -208,10 +204,12 @@ class ScheduleCallback(Callback):
                                     f"another rank (see that rank's error); stopping this rank too")
 
     def _verify_first_batch(self, pl_module: pl.LightningModule, original: nn.Module, batch: Any,
-                            batch_idx: int) -> None:
+                            batch_idx: int, mesh: Any = None) -> None:
+        """Under a device mesh the scheduled model's state, outputs and gradients are gathered whole
+        and the original's gradients averaged over the data-parallel ranks, as the sharded model's are."""
         scheduled = _find(pl_module, self.target)
         try:
-            original.load_state_dict(scheduled.state_dict(), strict=True)
+            original.load_state_dict({k: _whole(v) for k, v in scheduled.state_dict().items()}, strict=True)
         except RuntimeError as exc:
             raise VerificationError(f"the scheduled model's state_dict does not load into the original model "
                                     f"(a pass changed checkpoint keys): {exc}") from None
@@ -223,7 +221,8 @@ class ScheduleCallback(Callback):
         with torch.random.fork_rng(devices=_devices(parameter)):
             errors = verify_schedule(original, scheduled, self.spec, (batch,), wrap=wrap,
                                      example_inputs=self._examples(pl_module), rtol=self.rtol, atol=self.atol,
-                                     relative=relative)
+                                     relative=relative, reference_grads=_averaged_over_data_parallel(mesh),
+                                     bisect=mesh is None)
         rank_zero_info(self._verified_line(errors, relative, batch_idx))
 
     def _verified_line(self, errors: dict[str, float], relative: dict[str, float | None], batch_idx: int) -> str:
@@ -289,6 +288,31 @@ def _overrides_configure_model(pl_module: pl.LightningModule) -> bool:
     from lightning.pytorch.utilities.model_helpers import is_overridden
 
     return is_overridden("configure_model", pl_module)
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _averaged_over_data_parallel(mesh: Any) -> Callable[[dict], dict] | None:
+    """Gradients summed over the mesh's data-parallel ranks and divided by their number (what
+    FSDP2's reduce-scatter gives the sharded model), or None without such a dimension."""
+    if mesh is None or "data_parallel" not in (mesh.mesh_dim_names or ()):
+        return None
+    group_mesh = mesh["data_parallel"] if len(mesh.mesh_dim_names) > 1 else mesh
+    if group_mesh.size() == 1:
+        return None
+    import torch.distributed as dist
+
+    def average(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        for grad in grads.values():
+            dist.all_reduce(grad, group=group_mesh.get_group())
+            grad.div_(group_mesh.size())
+        return grads
+
+    return average
 
 
 def _check_strategy(strategy: Any) -> None:

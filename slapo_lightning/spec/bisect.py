@@ -40,8 +40,11 @@ def first_breaking_pass(original: nn.Module, spec: ScheduleSpec, inputs: Any, *,
 
 def verify_schedule(original: nn.Module, scheduled: nn.Module, spec: ScheduleSpec, inputs: Any, *,
                     wrap: Wrap = _same, example_inputs: Any = None, rtol: float = DEFAULT_RTOL,
-                    atol: float = DEFAULT_ATOL, relative: dict[str, float | None] | None = None) -> dict[str, float]:
-    """``verify(original, scheduled)``; on mismatch a VerificationError naming the first bad pass.
+                    atol: float = DEFAULT_ATOL, relative: dict[str, float | None] | None = None,
+                    reference_grads: Callable | None = None, bisect: bool = True) -> dict[str, float]:
+    """``verify(original, scheduled)``; on mismatch a VerificationError naming the first bad pass
+    (with ``bisect``; a model sharded over a mesh is not re-scheduled on copies, so there the error
+    names the tensors that differ). ``reference_grads`` as in ``verify``.
 
     ``wrap`` turns a model into what is run on ``inputs`` (e.g. a training step around it);
     ``original`` is left untouched (the bisection works on copies). Returns the max abs error per
@@ -51,11 +54,13 @@ def verify_schedule(original: nn.Module, scheduled: nn.Module, spec: ScheduleSpe
     reference = wrap(original)
     try:
         with recording_scales(reference) as scales:
-            errors = verify(reference, wrap(scheduled), inputs, rtol=rtol, atol=atol)
+            errors = verify(reference, wrap(scheduled), inputs, rtol=rtol, atol=atol, reference_grads=reference_grads)
         if relative is not None:
             relative.update(relative_errors(errors, scales))
         return errors
     except VerificationError as exc:
+        if not bisect:
+            raise VerificationError(f"{exc} (to find the pass, verify the schedule on one device)") from exc
         found = first_breaking_pass(original, spec, inputs, wrap=wrap, example_inputs=example_inputs,
                                     rtol=rtol, atol=atol)
         if found is None:
