@@ -52,9 +52,8 @@ def worker(out: Path) -> None:
 def test_a_vocabulary_parallel_head_gives_the_whole_heads_loss_and_gradients(tmp_path):
     out = tmp_path / "out.pt"
     env = {**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(35500 + os.getpid() % 2000), __file__, str(out)], capture_output=True, text=True,
-                          timeout=280, env=env)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                           __file__, str(out)], capture_output=True, text=True, timeout=280, env=env)
     assert done.returncode == 0, done.stderr[-4000:]
     result = torch.load(out, weights_only=False)
     hidden, weight, bias, labels = inputs()

@@ -145,7 +145,7 @@ def slapo_style_worker(out: Path) -> None:
 def launch(dp: int, tp: int, out: Path, timeout: int = 300, mode: str = "spec") -> dict:
     env = {**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(dp * tp),
-                           "--master_port", str(29500 + (os.getpid() % 2000)), __file__, f"--{mode}", str(dp), str(tp),
+                           "--standalone", __file__, f"--{mode}", str(dp), str(tp),
                            str(out)], capture_output=True, text=True, timeout=timeout, env=env)
     assert done.returncode == 0, done.stderr[-4000:]
     return torch.load(out, weights_only=False)

@@ -273,3 +273,23 @@ def test_verify_schedule_names_the_pass_for_plain_pytorch_users():
     slapo.apply_schedule(model, data)
     with pytest.raises(VerificationError, match="schedule pass 'bias_gelu' breaks equivalence"):
         verify_schedule(original, model, load_spec(data), fx.inputs())
+
+
+def test_every_kept_key_resolves_by_attribute_access_as_distributed_checkpoints_resolve_keys():
+    """torch.distributed.checkpoint finds each state_dict key by getattr through the module tree;
+    keys kept by hooks (fused q/k/v, renamed norms) get placeholder paths that add no key."""
+    import functools
+
+    import decoder_models
+
+    from slapo_lightning.core.state_keys import KeyPath
+
+    model = decoder_models.build("llama", "sdpa")
+    plain = sorted(model.state_dict())
+    report = slapo.apply_schedule(model, "auto")
+    assert {"fused_qkv", "rms_norm", "gated_mlp"} <= set(report.applied)
+    assert sorted(model.state_dict()) == plain
+    for key in plain:
+        functools.reduce(getattr, key.split("."), model)
+    assert not any(isinstance(m, KeyPath) for m in model.modules())
+    assert isinstance(model.model.layers[0].self_attn.q_proj, KeyPath), "q_proj now lives in the fused op"

@@ -8,6 +8,10 @@ Two cases. An op that *merges* tensors (FusedQKV from query/key/value Linears) e
 (``FusedBiasDropoutAddLayerNorm.from_layer_norm`` holds ``LayerNorm.weight`` as ``weight``,
 ``FusedMLP.from_gpt2`` holds ``c_fc`` as ``fc_in``) is found by tensor identity before and after
 the change, and hooks rename the keys back.
+
+torch.distributed.checkpoint (FSDP2 and tensor-parallel checkpoints) also resolves every key by
+attribute access through the module tree, so each kept key gets a path of placeholder attributes
+(:class:`KeyPath`: no module, no tensor, no state_dict entry) that leads to it.
 """
 from __future__ import annotations
 
@@ -15,6 +19,49 @@ from collections import defaultdict
 
 import torch
 from torch import nn
+
+
+class KeyPath:
+    """A placeholder attribute on the way to an original key kept by hooks (``q_proj`` of
+    ``q_proj.weight`` after the fused QKV took the weight over)."""
+
+    def __init__(self) -> None:
+        self.__dict__["_children"] = {}
+
+    def __getattr__(self, name: str) -> "KeyPath":
+        try:
+            return self.__dict__["_children"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __repr__(self) -> str:
+        return f"KeyPath({', '.join(self.__dict__['_children'])})"
+
+
+def _keeps(module: nn.Module, keys) -> None:
+    module.__dict__["_slapo_keeps_keys"] = True
+    module.__dict__.setdefault("_slapo_kept_keys", []).extend(keys)
+
+
+def make_kept_keys_resolvable(root: nn.Module) -> None:
+    """Once a schedule is applied (the replaced modules are gone): a KeyPath to every kept key."""
+    for module in root.modules():
+        resolvable_keys(module, module.__dict__.get("_slapo_kept_keys", ()))
+
+
+def resolvable_keys(module: nn.Module, keys) -> None:
+    """Give every ``key`` (relative to ``module``) that no attribute path leads to one of KeyPaths."""
+    for key in keys:
+        owner: object = module
+        for name in key.split("."):
+            step = getattr(owner, name, None)
+            if step is None:
+                step = KeyPath()
+                if isinstance(owner, KeyPath):
+                    owner.__dict__["_children"][name] = step
+                else:
+                    owner.__dict__[name] = step
+            owner = step
 
 
 def supports_split_state(module: nn.Module) -> bool:
@@ -45,7 +92,7 @@ def alias_split_state(parent: nn.Module, child_name: str, original_names: list[s
 
     parent.register_state_dict_post_hook(save)
     parent.register_load_state_dict_pre_hook(load)
-    parent.__dict__["_slapo_keeps_keys"] = True
+    _keeps(parent, [f"{name}.{key}" for name, tensors in zip(original_names, child.split_state()) for key in tensors])
 
 
 def tensor_keys(module: nn.Module) -> dict[int, list[str]]:
@@ -81,6 +128,25 @@ def _renamed(state_dict: dict, mapping: dict[str, str]) -> None:
     state_dict.update(items)
 
 
+def _own_tensor(module: nn.Module, key: str) -> torch.Tensor | None:
+    owner_path, _, name = key.rpartition(".")
+    try:
+        owner = module.get_submodule(owner_path) if owner_path else module
+    except AttributeError:
+        return None
+    return getattr(owner, name, None)
+
+
+def _like(own: torch.Tensor | None, value):
+    """A whole checkpoint tensor for a sharded (DTensor) parameter, as this rank's shard of it
+    (every rank holds the whole tensor, so no communication); anything else as it is."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(own, DTensor) and isinstance(value, torch.Tensor) and not isinstance(value, DTensor):
+        return distribute_tensor(value.to(own.device, own.dtype), own.device_mesh, own.placements, src_data_rank=None)
+    return value
+
+
 def keep_original_keys(module: nn.Module, moves: dict[str, str]) -> None:
     """Save ``module``'s tensors under the old keys and accept checkpoints that use them."""
     if not moves:
@@ -91,11 +157,16 @@ def keep_original_keys(module: nn.Module, moves: dict[str, str]) -> None:
         _renamed(state_dict, {prefix + new: prefix + old for new, old in moves.items()})
 
     def load(mod, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        _renamed(state_dict, {prefix + old: prefix + new for old, new in inverse.items()})
+        mapping = {prefix + old: prefix + new for old, new in inverse.items()}
+        for old_key, new_key in mapping.items():  # torch.distributed.checkpoint adds the module's own
+            if old_key in state_dict:             # current values under the new keys: the checkpoint wins
+                state_dict.pop(new_key, None)
+                state_dict[old_key] = _like(_own_tensor(mod, new_key[len(prefix):]), state_dict[old_key])
+        _renamed(state_dict, mapping)
 
     module.register_state_dict_post_hook(save)
     module.register_load_state_dict_pre_hook(load)
-    module.__dict__["_slapo_keeps_keys"] = True
+    _keeps(module, moves.values())
 
 
 def keeps_keys_by_hooks(module: nn.Module) -> bool:

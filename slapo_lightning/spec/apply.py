@@ -15,7 +15,7 @@ from torch import nn
 from ..errors import ScheduleError, SpecError, closest
 from ..report import ModuleChange, PassReport, Report, Skipped, StepRecord
 from ..core.schedule import Schedule, create_schedule
-from ..core.state_keys import keep_original_keys, keeps_keys_by_hooks, moved_keys, tensor_keys
+from ..core.state_keys import keep_original_keys, make_kept_keys_resolvable, moved_keys, tensor_keys
 from .schema import PassSpec, load_spec
 from ..core.edits import VariantError, variant_policy
 from ..core.primitives.parallel import mesh_dimension
@@ -50,25 +50,8 @@ def apply_schedule(model: nn.Module, spec: Any, example_inputs: Any = None, devi
         snapshot.restore()
         raise
     report.refresh_specialisations(model)
-    if device_mesh is not None and device_mesh.size() > 1:
-        _refuse_hooked_keys_under_a_mesh(model, report, snapshot)
+    make_kept_keys_resolvable(model)  # distributed checkpoints find every key by attribute access
     return report
-
-
-def _refuse_hooked_keys_under_a_mesh(model: nn.Module, report: Report, snapshot: ModelSnapshot) -> None:
-    """Distributed checkpoints walk each state_dict key through the module tree; keys kept by
-    hooks (a fused op standing in for the modules it replaced) are not there, so such passes
-    cannot run under a device mesh: refuse now, not when the first checkpoint is written."""
-    hooked = [path or "<root>" for path, m in model.named_modules() if keeps_keys_by_hooks(m)]
-    if not hooked:
-        return
-    passes = [p.name for p in report.passes
-              if any((c.path or "<root>") in hooked and (c.params_added or c.params_removed) for c in p.changes)]
-    snapshot.restore()
-    raise SpecError(f"passes {', '.join(passes) or '(unknown)'} keep the original checkpoint keys through state-dict "
-                    f"hooks (at {', '.join(hooked[:3])}{' ...' if len(hooked) > 3 else ''}), which distributed "
-                    f"checkpoints under a device mesh do not follow; mark them unless_parallel: [tensor_parallel, "
-                    f"data_parallel] or disable them")
 
 
 def _sel(p: PassSpec) -> list[str] | None:
