@@ -49,8 +49,9 @@ def test_recipe_trains_like_one_process_and_resumes_from_its_distributed_checkpo
 
     one = cli("one", ["trainer=cpu", "schedule=none", f"data.batch_size={BATCH * dp}"])
     assert one.returncode == 0, one.stderr[-3000:]
-    whole = cli("whole", parallel)
+    whole = cli("whole", [*parallel, "callbacks.schedule.verify=true"])
     assert whole.returncode == 0, whole.stderr[-3000:]
+    assert "first-batch verification of 'model' passed" in whole.stdout + whole.stderr, "sharded, and checked whole"
 
     reference = read(records["one"])
     per_rank = [read(records["whole"], rank) for rank in (0, 1)]

@@ -48,22 +48,19 @@ def _parameter_keys(model: nn.Module) -> list[str]:
 
 
 def _grads_by_key(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Gradients under the model's state_dict keys (so merged ops report the original names)."""
-    from torch.distributed.tensor import DTensor
-
-    state = model.state_dict(keep_vars=True)
-    if any(isinstance(v, DTensor) for v in state.values()):  # sharded: keys are the parameters' own
-        return {k: _whole(v.grad if v.grad is not None else torch.zeros_like(v)).clone()
-                for k, v in state.items() if isinstance(v, nn.Parameter)}
-    params = list(model.parameters())
-    saved = [p.data for p in params]
+    """Gradients under the model's state_dict keys (so merged ops report the original names): each
+    parameter stands in by its gradient while the state_dict is taken (DTensors included)."""
+    swapped = []
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None:
+                module._parameters[name] = param.grad if param.grad is not None else torch.zeros_like(param)
+                swapped.append((module, name, param))
     try:
-        for p in params:
-            p.data = p.grad if p.grad is not None else torch.zeros_like(p)
         return {k: _whole(v).clone() for k, v in model.state_dict().items()}
     finally:
-        for p, data in zip(params, saved):
-            p.data = data
+        for module, name, param in swapped:
+            module._parameters[name] = param
 
 
 def _run(model: nn.Module, example_inputs: Any, seed: int, grads: bool):
