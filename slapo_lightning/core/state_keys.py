@@ -39,7 +39,6 @@ class KeyPath:
 
 
 def _keeps(module: nn.Module, keys) -> None:
-    module.__dict__["_slapo_keeps_keys"] = True
     module.__dict__.setdefault("_slapo_kept_keys", []).extend(keys)
 
 
@@ -167,10 +166,3 @@ def keep_original_keys(module: nn.Module, moves: dict[str, str]) -> None:
     module.register_state_dict_post_hook(save)
     module.register_load_state_dict_pre_hook(load)
     _keeps(module, moves.values())
-
-
-def keeps_keys_by_hooks(module: nn.Module) -> bool:
-    """True when ``module`` presents original keys through state-dict hooks, which
-    torch.distributed.checkpoint (walking keys through the module tree) does not follow."""
-    return bool(module.__dict__.get("_slapo_keeps_keys"))
-

@@ -298,7 +298,15 @@ class SpecialisationState:
         return spec
 
     def _replay_edits(self, holder: TracedModule, spec: Specialisation, path: str) -> None:
-        borrowed = _borrow_missing_children(holder, spec.graph, self.source)
+        borrowed, shadows = _borrow_missing_children(holder, spec.graph, self.source)
+        try:
+            self._replay_borrowing(holder, spec, path, borrowed)
+        finally:
+            for name, shadow in shadows.items():
+                if name not in holder._modules:
+                    holder.__dict__[name] = shadow
+
+    def _replay_borrowing(self, holder: TracedModule, spec: Specialisation, path: str, borrowed: set[str]) -> None:
         with holder.activated(spec), replaying():
             for edit in self.edits:
                 try:
@@ -319,16 +327,20 @@ class SpecialisationState:
             warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
-def _borrow_missing_children(holder: TracedModule, graph: fx.Graph, source: nn.Module) -> set[str]:
+def _borrow_missing_children(holder: TracedModule, graph: fx.Graph,
+                             source: nn.Module) -> tuple[set[str], dict[str, object]]:
     """A new trace calls the original children; those an edit replaced come back for as long as
-    the edits are replayed (their patterns match on them)."""
-    borrowed = set()
+    the edits are replayed (their patterns match on them). Plain attributes of the same name
+    (the attribute paths of kept checkpoint keys) would hide them and step aside meanwhile."""
+    borrowed, shadows = set(), {}
     for node in graph.nodes:
         name = node.target.split(".")[0] if node.op in ("call_module", "get_attr") else None
         if name and name not in holder._modules and name in source._modules:
             holder._modules[name] = source._modules[name]
             borrowed.add(name)
-    return borrowed
+            if name in holder.__dict__:
+                shadows[name] = holder.__dict__.pop(name)
+    return borrowed, shadows
 
 
 def restore_needed_children(holder: TracedModule, spec: Specialisation, source: nn.Module, path: str,
