@@ -114,16 +114,13 @@ def worker(preset_name: str, dp: int, tp: int, device: str, steps: int) -> dict:
     return [result]
 
 
-_PORTS = iter(range(30500 + os.getpid() % 1000 * 4, 1 << 16))
-
-
 def run(preset: str, dp: int, tp: int, device: str, steps: int) -> list[dict]:
     job = [preset, dp, tp, device, steps]
     ranks = dp * tp
     command = [sys.executable, __file__, "--worker", json.dumps(job)]
     if ranks > 1:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-                   "--master_port", str(next(_PORTS))] + command[1:]
+                   "--standalone"] + command[1:]
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if done.returncode:
         raise RuntimeError(f"dp={dp} tp={tp} failed:\n{done.stderr[-4000:]}")

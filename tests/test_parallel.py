@@ -6,7 +6,6 @@ the test compares what rank 0 wrote with a single-process reference computed her
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

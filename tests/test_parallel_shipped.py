@@ -4,7 +4,6 @@ the passes whose ops need whole weights are skipped there, and training equals o
 process; without a mesh the parallel passes are skipped and the rest applies as before."""
 from __future__ import annotations
 
-import copy
 import os
 import subprocess
 import sys
