@@ -12,7 +12,8 @@ from torch import nn
 from ..errors import VerificationError
 
 
-def _whole(tensor: torch.Tensor) -> torch.Tensor:
+def whole_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor gathered (a collective: every rank calls it in the same order); others as they are."""
     from torch.distributed.tensor import DTensor
 
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
@@ -57,7 +58,7 @@ def _grads_by_key(model: nn.Module) -> dict[str, torch.Tensor]:
                 module._parameters[name] = param.grad if param.grad is not None else torch.zeros_like(param)
                 swapped.append((module, name, param))
     try:
-        return {k: _whole(v).clone() for k, v in model.state_dict().items()}
+        return {k: whole_tensor(v).clone() for k, v in model.state_dict().items()}
     finally:
         for module, name, param in swapped:
             module._parameters[name] = param
@@ -74,7 +75,7 @@ def _run(model: nn.Module, example_inputs: Any, seed: int, grads: bool):
                    for t in outputs.values() if t.requires_grad and t.is_floating_point())
         if isinstance(loss, torch.Tensor):
             loss.backward()
-    return {k: _whole(v.detach()) for k, v in outputs.items()}
+    return {k: whole_tensor(v.detach()) for k, v in outputs.items()}
 
 
 def _error(a: torch.Tensor, b: torch.Tensor, rtol: float, atol: float) -> tuple[bool, float]:

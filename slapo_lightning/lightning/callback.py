@@ -22,6 +22,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from ..core.primitives.parallel import DATA_PARALLEL, sub_mesh
+from ..core.verify import whole_tensor
 from ..errors import CheckpointMismatchError, ScheduleError, VerificationError
 from ..report import Report
 from ..tolerances import DEFAULT_ATOL, DEFAULT_RTOL
@@ -94,9 +96,16 @@ class ScheduleCallback(Callback):
         return self._generate_state_key(target=self.target)
 
     # -- applying ----------------------------------------------------------------------------------
-    def check_strategy(self, strategy: Any) -> None:
-        """ScheduleError unless this callback can run under ``strategy`` (the CLI asks before launching)."""
-        _check_strategy(strategy)
+    @staticmethod
+    def check_strategy(strategy: Any) -> None:
+        """ScheduleError unless the callback can run under ``strategy`` (the CLI asks before launching)."""
+        for cls in type(strategy).__mro__:
+            if cls.__name__ in REFUSED_STRATEGIES:
+                raise ScheduleError(f"ScheduleCallback does not support {type(strategy).__name__}: "
+                                    f"{REFUSED_STRATEGIES[cls.__name__]}")
+        if not isinstance(strategy, SUPPORTED_STRATEGIES):
+            raise ScheduleError(f"ScheduleCallback does not support {type(strategy).__name__}; supported: "
+                                f"{', '.join(c.__name__ for c in SUPPORTED_STRATEGIES)} (and their subclasses)")
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.check_strategy(trainer.strategy)
@@ -209,7 +218,7 @@ class ScheduleCallback(Callback):
         and the original's gradients averaged over the data-parallel ranks, as the sharded model's are."""
         scheduled = _find(pl_module, self.target)
         try:
-            original.load_state_dict({k: _whole(v) for k, v in scheduled.state_dict().items()}, strict=True)
+            original.load_state_dict({k: whole_tensor(v) for k, v in scheduled.state_dict().items()}, strict=True)
         except RuntimeError as exc:
             raise VerificationError(f"the scheduled model's state_dict does not load into the original model "
                                     f"(a pass changed checkpoint keys): {exc}") from None
@@ -290,19 +299,11 @@ def _overrides_configure_model(pl_module: pl.LightningModule) -> bool:
     return is_overridden("configure_model", pl_module)
 
 
-def _whole(tensor: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-
-
 def _averaged_over_data_parallel(mesh: Any) -> Callable[[dict], dict] | None:
     """Gradients summed over the mesh's data-parallel ranks and divided by their number (what
     FSDP2's reduce-scatter gives the sharded model), or None without such a dimension."""
-    if mesh is None or "data_parallel" not in (mesh.mesh_dim_names or ()):
-        return None
-    group_mesh = mesh["data_parallel"] if len(mesh.mesh_dim_names) > 1 else mesh
-    if group_mesh.size() == 1:
+    group_mesh = sub_mesh(mesh, DATA_PARALLEL)
+    if group_mesh is None:
         return None
     import torch.distributed as dist
 
@@ -313,16 +314,6 @@ def _averaged_over_data_parallel(mesh: Any) -> Callable[[dict], dict] | None:
         return grads
 
     return average
-
-
-def _check_strategy(strategy: Any) -> None:
-    for cls in type(strategy).__mro__:
-        if cls.__name__ in REFUSED_STRATEGIES:
-            raise ScheduleError(f"ScheduleCallback does not support {type(strategy).__name__}: "
-                                f"{REFUSED_STRATEGIES[cls.__name__]}")
-    if not isinstance(strategy, SUPPORTED_STRATEGIES):
-        raise ScheduleError(f"ScheduleCallback does not support {type(strategy).__name__}; supported: "
-                            f"{', '.join(c.__name__ for c in SUPPORTED_STRATEGIES)} (and their subclasses)")
 
 
 def _devices(parameter: torch.Tensor | None) -> list:

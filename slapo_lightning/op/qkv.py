@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from .amp import autocast_inputs, autocast_off
-from .distributed import refuse_distributed
+from .distributed import refuse_distributed, whole
 from ..errors import OpError
 from .registry import register_op
 
@@ -198,10 +198,10 @@ class FusedQKV(nn.Module):
             if _is_dtensor(param):  # sharded (FSDP2): write whole tensors, laid out as the shard is
                 from torch.distributed.tensor import distribute_tensor
 
-                whole = torch.cat([_whole(state[key]).to(param.device) for state in states])
-                param.copy_(distribute_tensor(whole.to(param.dtype), param.device_mesh, param.placements))
+                joined = torch.cat([whole(state[key])[0].to(param.device) for state in states])
+                param.copy_(distribute_tensor(joined.to(param.dtype), param.device_mesh, param.placements))
             else:
-                param.copy_(torch.cat([_whole(state[key]).to(param.device) for state in states]))
+                param.copy_(torch.cat([whole(state[key])[0].to(param.device) for state in states]))
 
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, "
@@ -212,10 +212,6 @@ def _is_dtensor(tensor: torch.Tensor) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(tensor, DTensor)
-
-
-def _whole(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.full_tensor() if _is_dtensor(tensor) else tensor
 
 
 def _state(weight: torch.Tensor, bias: torch.Tensor | None) -> dict[str, torch.Tensor]:

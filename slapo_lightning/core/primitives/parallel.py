@@ -67,9 +67,13 @@ SHARDABLE = (nn.Linear, nn.Embedding)
 
 
 def mesh_dimension(sch, dim: str) -> Any:
-    """The sub-mesh named ``dim`` of the schedule's device mesh, or None when there is no mesh,
-    no such dimension, or it has size 1."""
-    mesh = sch.device_mesh
+    """The sub-mesh named ``dim`` of the schedule's device mesh (see :func:`sub_mesh`)."""
+    return sub_mesh(sch.device_mesh, dim)
+
+
+def sub_mesh(mesh: Any, dim: str) -> Any:
+    """The sub-mesh named ``dim`` of ``mesh``, or None when there is no mesh, no such dimension,
+    or it has size 1."""
     if mesh is None:
         return None
     names = tuple(mesh.mesh_dim_names or ())
@@ -139,8 +143,8 @@ def _check_parallelize_args(args: dict[str, Any]) -> list[str]:
                                                         more="(or a mapping of child path -> style)")]
     if not isinstance(plan, dict):
         return [f"argument 'plan' must be a plan name or a mapping of child path -> style, got {plan!r}"]
-    styles = [entry if isinstance(entry, str) else (entry or {}).get("style") for entry in plan.values()]
-    return [unknown("parallel style", style, PARALLEL_STYLES.names()) for style in styles if style not in PARALLEL_STYLES]
+    return [unknown("parallel style", style, PARALLEL_STYLES.names())
+            for style in sorted(_styles_named(plan), key=str) if style not in PARALLEL_STYLES]
 
 
 parallelize.check_args = _check_parallelize_args

@@ -29,6 +29,7 @@ from ..snapshot import ModelSnapshot
 from ..tracer import CallArgs, trace_graph
 from ..tracer.proxies import first_line
 from ..tracer.specialise import TraceOptions
+from ..verify import whole_tensor
 from .trace import is_op_leaf
 
 LOW_PRECISION = (1.6e-2, 1e-2)
@@ -140,8 +141,6 @@ def keep_if_same_outputs(sch, shard: Callable[[], None], mesh, what: str) -> Non
 
 
 def _outputs(module: nn.Module, example) -> list[torch.Tensor]:
-    from torch.distributed.tensor import DTensor
-
     modes = {m: m.training for m in module.modules()}
     module.eval()
     try:
@@ -151,7 +150,7 @@ def _outputs(module: nn.Module, example) -> list[torch.Tensor]:
         for m, mode in modes.items():
             m.training = mode
     leaves = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
-    return [t.full_tensor() if isinstance(t, DTensor) else t for t in leaves]
+    return [whole_tensor(t) for t in leaves]
 
 
 def _call(module: nn.Module, example):
